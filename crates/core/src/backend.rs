@@ -1,0 +1,79 @@
+//! The backend abstraction: fixed-size random-access storage.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use crate::layout::check_range;
+use crate::Result;
+
+/// Largest buffer the default `write_zeroes` allocates; bigger ranges are written in pieces.
+const ZERO_PIECE: usize = 1 << 20;
+
+/// Fixed-size random-access storage: a local memory region, a file, a directory of chunk files,
+/// or a remote (NBD, gRPC, Redis, S3), and every stage that wraps one.
+///
+/// Methods take `&self` and must be safe to call concurrently on different chunks without a
+/// global lock. The methods are `async` so that a remote can keep thousands of requests in
+/// flight on a few OS threads; see ARCHITECTURE.md for how thread-based kernel handlers call in.
+///
+/// Reads and writes are exact: `read_at` fills the whole buffer and `write_at` writes all of
+/// `data`, or they fail. A range past [`Backend::size`] fails with `Error::OutOfBounds`.
+#[async_trait]
+pub trait Backend: Send + Sync + 'static {
+    /// Size of the resource in bytes; it never changes.
+    fn size(&self) -> u64;
+
+    /// Fills `buf` with the bytes at `offset`.
+    async fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()>;
+
+    /// Writes `data` at `offset`.
+    async fn write_at(&self, offset: u64, data: &[u8]) -> Result<()>;
+
+    /// Makes every completed write durable (as durable as the backend can be).
+    async fn sync(&self) -> Result<()>;
+
+    /// Tells the backend a range is no longer needed. Every r3map backend reads a trimmed range
+    /// back as zeros, so the default writes zeros.
+    async fn trim(&self, offset: u64, len: u64) -> Result<()> {
+        self.write_zeroes(offset, len).await
+    }
+
+    /// Sets a range to zeros. The default writes zeros in bounded pieces.
+    async fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        check_range(offset, len, self.size())?;
+        let zeros = vec![0u8; (len as usize).min(ZERO_PIECE)];
+        let mut done = 0u64;
+        while done < len {
+            let piece = (len - done).min(zeros.len() as u64) as usize;
+            self.write_at(offset + done, &zeros[..piece]).await?;
+            done += piece as u64;
+        }
+        Ok(())
+    }
+}
+
+/// The shared, type-erased backend every stage and frontend can hold.
+pub type SharedBackend = Arc<dyn Backend>;
+
+#[async_trait]
+impl<B: Backend + ?Sized> Backend for Arc<B> {
+    fn size(&self) -> u64 {
+        (**self).size()
+    }
+    async fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        (**self).read_at(offset, buf).await
+    }
+    async fn write_at(&self, offset: u64, data: &[u8]) -> Result<()> {
+        (**self).write_at(offset, data).await
+    }
+    async fn sync(&self) -> Result<()> {
+        (**self).sync().await
+    }
+    async fn trim(&self, offset: u64, len: u64) -> Result<()> {
+        (**self).trim(offset, len).await
+    }
+    async fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        (**self).write_zeroes(offset, len).await
+    }
+}

@@ -1,0 +1,234 @@
+//! Pusher: remembers written chunks and writes them back to the remote in the background
+//! (every interval) and on `sync`/`close`.
+//!
+//! Ordering that keeps racing writes safe: a write lands in the inner backend *before* its chunk
+//! is marked dirty, and a push clears the dirty bit *before* reading the chunk. So a write that
+//! races a push is either read by that push or leaves the bit set for the next one. Only one
+//! flush runs at a time, so two pushes of one chunk can never reach the remote out of order.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::StreamExt;
+use tokio::sync::{Mutex as AsyncMutex, Notify};
+
+use crate::{check_range, AtomicBitmap, Backend, ChunkLayout, Error, Result, SharedBackend};
+
+/// Pusher settings. The defaults push: there is no setting that silently turns pushing off.
+#[derive(Debug, Clone)]
+pub struct PusherOptions {
+    /// Concurrent chunk pushes during a flush.
+    pub workers: usize,
+    /// Time between background flushes (must be non-zero).
+    pub interval: Duration,
+}
+
+impl Default for PusherOptions {
+    fn default() -> Self {
+        Self {
+            workers: 64,
+            interval: Duration::from_secs(1),
+        }
+    }
+}
+
+struct Shared {
+    inner: SharedBackend,
+    remote: SharedBackend,
+    layout: ChunkLayout,
+    dirty: AtomicBitmap,
+    flush_lock: AsyncMutex<()>,
+    workers: usize,
+    pushed_bytes: AtomicU64,
+    closed: AtomicBool,
+    stop: Notify,
+}
+
+/// Write-back of an inner (local) backend to a remote.
+pub struct Pusher {
+    shared: Arc<Shared>,
+    interval_task: tokio::task::JoinHandle<()>,
+}
+
+impl Pusher {
+    /// Starts pushing writes made through this stage from `inner` to `remote` (needs a Tokio
+    /// runtime). `inner` must accept whole-chunk reads.
+    pub fn start(
+        inner: SharedBackend,
+        remote: SharedBackend,
+        chunk_size: u64,
+        options: PusherOptions,
+    ) -> Result<Self> {
+        if options.workers == 0 {
+            return Err(Error::InvalidConfig(
+                "the pusher needs at least one worker".into(),
+            ));
+        }
+        if options.interval.is_zero() {
+            return Err(Error::InvalidConfig(
+                "the push interval must be greater than zero".into(),
+            ));
+        }
+        if inner.size() != remote.size() {
+            return Err(Error::InvalidConfig(format!(
+                "the local side has {} bytes but the remote has {}",
+                inner.size(),
+                remote.size()
+            )));
+        }
+        let layout = ChunkLayout::new(remote.size(), chunk_size)?;
+        let shared = Arc::new(Shared {
+            dirty: AtomicBitmap::new(layout.chunk_count()),
+            inner,
+            remote,
+            layout,
+            flush_lock: AsyncMutex::new(()),
+            workers: options.workers,
+            pushed_bytes: AtomicU64::new(0),
+            closed: AtomicBool::new(false),
+            stop: Notify::new(),
+        });
+        let interval_task = tokio::spawn(Shared::push_every(shared.clone(), options.interval));
+        Ok(Self {
+            shared,
+            interval_task,
+        })
+    }
+
+    /// Marks chunks dirty that were written behind this stage's back (e.g. through a mapped
+    /// memory region whose writes are found by dirty-page scanning).
+    pub fn mark_dirty(&self, chunks: impl IntoIterator<Item = u64>) {
+        for chunk in chunks {
+            self.shared.dirty.set(chunk);
+        }
+    }
+
+    /// Number of chunks waiting to be pushed.
+    pub fn dirty_count(&self) -> u64 {
+        self.shared.dirty.count_ones()
+    }
+
+    /// Bytes written to the remote so far.
+    pub fn pushed_bytes(&self) -> u64 {
+        self.shared.pushed_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Pushes every dirty chunk now; returns the first error (failed chunks stay dirty).
+    pub async fn flush(&self) -> Result<()> {
+        self.shared.flush().await
+    }
+
+    /// Stops background pushing, then syncs: returns the final sync's error, if any. Later
+    /// writes fail with `Error::Closed`.
+    pub async fn close(&self) -> Result<()> {
+        self.shared.closed.store(true, Ordering::Release);
+        self.shared.stop.notify_one();
+        self.sync().await
+    }
+}
+
+impl Drop for Pusher {
+    fn drop(&mut self) {
+        self.interval_task.abort();
+    }
+}
+
+impl Shared {
+    async fn push_every(self: Arc<Self>, interval: Duration) {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(interval) => {}
+                _ = self.stop.notified() => return,
+            }
+            if let Err(err) = self.flush().await {
+                tracing::warn!(%err, "background push failed; the chunks stay dirty and are retried");
+            }
+        }
+    }
+
+    async fn flush(&self) -> Result<()> {
+        let _one_flush_at_a_time = self.flush_lock.lock().await;
+        let chunks = self.dirty.take();
+        let mut results = futures::stream::iter(chunks)
+            .map(|chunk| async move { (chunk, self.push_chunk(chunk).await) })
+            .buffer_unordered(self.workers);
+        let mut first_error = None;
+        while let Some((chunk, result)) = results.next().await {
+            if let Err(err) = result {
+                // Never lose the write: the chunk stays dirty for the next flush.
+                self.dirty.set(chunk);
+                first_error.get_or_insert(err);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    async fn push_chunk(&self, chunk: u64) -> Result<()> {
+        let range = self.layout.chunk_range(chunk);
+        let mut buf = vec![0u8; (range.end - range.start) as usize];
+        self.inner.read_at(range.start, &mut buf).await?;
+        self.remote.write_at(range.start, &buf).await?;
+        self.pushed_bytes
+            .fetch_add(buf.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// A write may proceed: the stage is open and the range lies within the resource (so
+    /// marking its chunks cannot go out of range).
+    fn check_write(&self, offset: u64, len: u64) -> Result<()> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(Error::Closed);
+        }
+        check_range(offset, len, self.layout.size())
+    }
+
+    fn mark_range(&self, offset: u64, len: u64) {
+        for chunk in self.layout.chunks_touching(offset, len) {
+            self.dirty.set(chunk);
+        }
+    }
+}
+
+#[async_trait]
+impl Backend for Pusher {
+    fn size(&self) -> u64 {
+        self.shared.layout.size()
+    }
+
+    async fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.shared.inner.read_at(offset, buf).await
+    }
+
+    async fn write_at(&self, offset: u64, data: &[u8]) -> Result<()> {
+        self.shared.check_write(offset, data.len() as u64)?;
+        let result = self.shared.inner.write_at(offset, data).await;
+        // Marked after the write (see the module note); marked even on failure, since part of
+        // the write may have landed.
+        self.shared.mark_range(offset, data.len() as u64);
+        result
+    }
+
+    /// Syncs the inner backend, pushes every dirty chunk, then syncs the remote; returns the
+    /// first error.
+    async fn sync(&self) -> Result<()> {
+        self.shared.inner.sync().await?;
+        self.shared.flush().await?;
+        self.shared.remote.sync().await
+    }
+
+    async fn trim(&self, offset: u64, len: u64) -> Result<()> {
+        self.shared.check_write(offset, len)?;
+        let result = self.shared.inner.trim(offset, len).await;
+        self.shared.mark_range(offset, len);
+        result
+    }
+
+    async fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        self.shared.check_write(offset, len)?;
+        let result = self.shared.inner.write_zeroes(offset, len).await;
+        self.shared.mark_range(offset, len);
+        result
+    }
+}

@@ -1,0 +1,323 @@
+//! Synced: a local cache in front of a remote. The first read of a chunk fetches it from the
+//! remote once (concurrent readers share that fetch); later reads are local. Writes go to the
+//! cache only: pushing them back is the pusher's job.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use futures::future::try_join_all;
+
+use crate::stages::puller::PullTarget;
+use crate::{check_range, AtomicBitmap, Backend, ChunkLayout, ChunkLocks, Result, SharedBackend};
+
+/// Called with a chunk index whenever a chunk becomes local.
+pub type ChunkHook = Arc<dyn Fn(u64) + Send + Sync>;
+
+/// A chunk-aligned cache over a remote. All access must be chunk-aligned (put `Arbitrary` in
+/// front for anything else); the tail chunk may be short.
+pub struct Synced {
+    local: SharedBackend,
+    remote: SharedBackend,
+    layout: ChunkLayout,
+    /// Bit set = the local copy of the chunk is authoritative.
+    local_chunks: AtomicBitmap,
+    /// Serialises fetches and writes of one chunk, so a fetch never overwrites a newer write.
+    locks: ChunkLocks,
+    fetches: AtomicU64,
+    on_local: Option<ChunkHook>,
+}
+
+impl std::fmt::Debug for Synced {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Synced")
+            .field("layout", &self.layout)
+            .field("local_chunks", &self.local_chunks.count_ones())
+            .finish()
+    }
+}
+
+impl Synced {
+    /// A cache of `remote` in `local` (same size), all chunks initially remote.
+    pub fn new(local: SharedBackend, remote: SharedBackend, chunk_size: u64) -> Result<Self> {
+        if local.size() != remote.size() {
+            return Err(crate::Error::InvalidConfig(format!(
+                "local cache has {} bytes but the remote has {}",
+                local.size(),
+                remote.size()
+            )));
+        }
+        let layout = ChunkLayout::new(remote.size(), chunk_size)?;
+        Ok(Self {
+            local_chunks: AtomicBitmap::new(layout.chunk_count()),
+            local,
+            remote,
+            layout,
+            locks: ChunkLocks::new(),
+            fetches: AtomicU64::new(0),
+            on_local: None,
+        })
+    }
+
+    /// Calls `hook(chunk)` whenever a chunk becomes local.
+    pub fn with_hook(mut self, hook: ChunkHook) -> Self {
+        self.on_local = Some(hook);
+        self
+    }
+
+    /// The chunk layout.
+    pub fn layout(&self) -> ChunkLayout {
+        self.layout
+    }
+
+    /// The remote this cache fronts.
+    pub fn remote(&self) -> &SharedBackend {
+        &self.remote
+    }
+
+    /// Whether chunk `index` is held locally.
+    pub fn is_local(&self, index: u64) -> bool {
+        self.local_chunks.get(index)
+    }
+
+    /// Number of chunks held locally.
+    pub fn local_count(&self) -> u64 {
+        self.local_chunks.count_ones()
+    }
+
+    /// Number of chunk fetches from the remote so far.
+    pub fn fetch_count(&self) -> u64 {
+        self.fetches.load(Ordering::Relaxed)
+    }
+
+    /// Marks chunks as remote again, so the next read re-fetches them (used by a migration
+    /// destination for chunks the source wrote after sending them).
+    pub async fn mark_remote(&self, chunks: &[u64]) {
+        for &chunk in chunks {
+            let _guard = self.locks.lock(chunk).await;
+            self.local_chunks.clear(chunk);
+        }
+    }
+
+    /// Marks chunks as local without fetching (the caller knows the cache holds them, e.g.
+    /// after re-opening a persistent cache).
+    pub fn mark_local(&self, chunks: impl IntoIterator<Item = u64>) {
+        for chunk in chunks {
+            self.local_chunks.set(chunk);
+        }
+    }
+
+    /// Ensures `chunk` is local, fetching it unless it is or another task already is.
+    pub async fn fetch(&self, chunk: u64) -> Result<()> {
+        if self.local_chunks.get(chunk) {
+            return Ok(());
+        }
+        let range = self.layout.chunk_range(chunk);
+        let mut buf = vec![0u8; (range.end - range.start) as usize];
+        self.fetch_into(chunk, &mut buf).await
+    }
+
+    /// Makes `chunk` local and leaves its content in `buf` (one copy fewer than fetch + read).
+    async fn fetch_into(&self, chunk: u64, buf: &mut [u8]) -> Result<()> {
+        let start = self.layout.chunk_range(chunk).start;
+        let _guard = self.locks.lock(chunk).await;
+        if self.local_chunks.get(chunk) {
+            // Somebody fetched (or wrote) it while we waited.
+            return self.local.read_at(start, buf).await;
+        }
+        self.fetches.fetch_add(1, Ordering::Relaxed);
+        self.remote.read_at(start, buf).await?;
+        self.local.write_at(start, buf).await?;
+        self.local_chunks.set(chunk);
+        if let Some(hook) = &self.on_local {
+            hook(chunk);
+        }
+        Ok(())
+    }
+
+    async fn locked_chunks(&self, offset: u64, len: u64) -> Result<Vec<crate::ChunkGuard<'_>>> {
+        check_range(offset, len, self.layout.size())?;
+        self.layout.check_aligned(offset, len)?;
+        let mut guards = Vec::new();
+        for chunk in self.layout.chunks_touching(offset, len) {
+            guards.push(self.locks.lock(chunk).await);
+        }
+        Ok(guards)
+    }
+
+    fn mark_range_local(&self, offset: u64, len: u64) {
+        for chunk in self.layout.chunks_touching(offset, len) {
+            if !self.local_chunks.set(chunk) {
+                if let Some(hook) = &self.on_local {
+                    hook(chunk);
+                }
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Backend for Synced {
+    fn size(&self) -> u64 {
+        self.layout.size()
+    }
+
+    async fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let len = buf.len() as u64;
+        check_range(offset, len, self.layout.size())?;
+        self.layout.check_aligned(offset, len)?;
+        let chunks = self.layout.chunks_touching(offset, len);
+        if chunks.clone().all(|c| self.local_chunks.get(c)) {
+            return self.local.read_at(offset, buf).await;
+        }
+        // Fetch missing chunks concurrently, straight into the caller's buffer.
+        let cs = self.layout.chunk_size() as usize;
+        try_join_all(
+            buf.chunks_mut(cs)
+                .zip(chunks)
+                .map(|(piece, chunk)| async move {
+                    if self.local_chunks.get(chunk) {
+                        self.local.read_at(chunk * cs as u64, piece).await
+                    } else {
+                        self.fetch_into(chunk, piece).await
+                    }
+                }),
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn write_at(&self, offset: u64, data: &[u8]) -> Result<()> {
+        let _guards = self.locked_chunks(offset, data.len() as u64).await?;
+        self.local.write_at(offset, data).await?;
+        self.mark_range_local(offset, data.len() as u64);
+        Ok(())
+    }
+
+    async fn sync(&self) -> Result<()> {
+        self.local.sync().await
+    }
+
+    async fn trim(&self, offset: u64, len: u64) -> Result<()> {
+        let _guards = self.locked_chunks(offset, len).await?;
+        self.local.trim(offset, len).await?;
+        self.mark_range_local(offset, len);
+        Ok(())
+    }
+
+    async fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        let _guards = self.locked_chunks(offset, len).await?;
+        self.local.write_zeroes(offset, len).await?;
+        self.mark_range_local(offset, len);
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl PullTarget for Synced {
+    fn chunk_count(&self) -> u64 {
+        self.layout.chunk_count()
+    }
+    async fn pull(&self, chunk: u64) -> Result<()> {
+        self.fetch(chunk).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stages::Chunked;
+    use crate::{testing, MemoryBackend};
+    use proptest::prelude::*;
+
+    /// A remote with known content, and a cache in front of it (Chunked proves aligned access).
+    async fn synced(size: u64, chunk: u64, seed: u64) -> (Synced, Vec<u8>) {
+        let content = testing::pattern(seed, size as usize);
+        let remote = MemoryBackend::new(size);
+        remote.write_at(0, &content).await.unwrap();
+        let remote: SharedBackend = Arc::new(Chunked::new(remote, chunk, u64::MAX).unwrap());
+        let local: SharedBackend = Arc::new(MemoryBackend::new(size));
+        (Synced::new(local, remote, chunk).unwrap(), content)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        #[test]
+        fn aligned_workload_matches_model(chunks in 1u64..30, tail in 0u64..16, seed in any::<u64>(), ops in testing::ops_strategy(100, 40)) {
+            let (backend, mut model) = testing::block_on(synced(chunks * 16 + tail, 16, seed));
+            let size = backend.size();
+            testing::block_on(async {
+                testing::run_ops(&backend, &mut model, 0..size, 16, &ops).await?;
+                testing::check_content(&backend, &model).await
+            })?;
+            // The remote never sees writes through Synced alone.
+            let mut remote = vec![0u8; size as usize];
+            testing::block_on(backend.remote().read_at(0, &mut remote)).unwrap();
+            prop_assert_eq!(remote, testing::pattern(seed, size as usize));
+        }
+    }
+
+    #[test]
+    fn concurrent_readers_of_one_chunk_share_one_fetch() {
+        testing::block_on(async {
+            let (backend, content) = synced(4096 * 4, 4096, 7).await;
+            let backend = Arc::new(backend);
+            let readers: Vec<_> = (0..32)
+                .map(|_| {
+                    let backend = backend.clone();
+                    tokio::spawn(async move {
+                        let mut buf = vec![0; 4096];
+                        backend.read_at(4096, &mut buf).await.unwrap();
+                        buf
+                    })
+                })
+                .collect();
+            for r in readers {
+                assert_eq!(r.await.unwrap(), content[4096..8192]);
+            }
+            assert_eq!(backend.fetch_count(), 1);
+            assert!(backend.is_local(1) && !backend.is_local(0));
+        });
+    }
+
+    #[test]
+    fn concurrent_access_matches_model() {
+        // The remote holds zeros here, so the all-zero model of check_concurrent applies.
+        let size = 64 * 100 + 9;
+        let remote: SharedBackend = Arc::new(MemoryBackend::new(size));
+        let local: SharedBackend = Arc::new(MemoryBackend::new(size));
+        let backend = Arc::new(Synced::new(local, remote, 64).unwrap());
+        testing::block_on(testing::check_concurrent(backend, 64, 8, 200)).unwrap();
+    }
+
+    #[test]
+    fn a_fetch_never_overwrites_a_concurrent_write() {
+        testing::block_on(async {
+            for round in 0..50 {
+                let (backend, _) = synced(4096 * 2, 4096, round).await;
+                let backend = Arc::new(backend);
+                let new = vec![0xEE; 4096];
+                let reader = {
+                    let backend = backend.clone();
+                    tokio::spawn(async move { backend.fetch(0).await })
+                };
+                backend.write_at(0, &new).await.unwrap();
+                reader.await.unwrap().unwrap();
+                let mut buf = vec![0; 4096];
+                backend.read_at(0, &mut buf).await.unwrap();
+                assert_eq!(buf, new, "round {round}: the write was lost to a fetch");
+            }
+        });
+    }
+
+    #[test]
+    fn mismatched_sizes_are_rejected() {
+        let err = Synced::new(
+            Arc::new(MemoryBackend::new(10)),
+            Arc::new(MemoryBackend::new(11)),
+            4,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("local cache has 10 bytes"));
+    }
+}
