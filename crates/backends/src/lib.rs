@@ -1,0 +1,1 @@
+//! r3map backends (placeholder while the crate is being built).

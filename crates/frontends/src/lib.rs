@@ -1,0 +1,1 @@
+//! r3map frontends (placeholder while the crate is being built).

@@ -1,0 +1,1 @@
+//! r3map mount (placeholder while the crate is being built).

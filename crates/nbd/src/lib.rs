@@ -1,0 +1,1 @@
+//! r3map nbd (placeholder while the crate is being built).
