@@ -1,0 +1,142 @@
+//! The puller: order, re-queueing, completion and progress.
+
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use r3map_core::stages::{Priority, Puller, PullerOptions, Synced};
+use r3map_core::testing::pattern;
+use r3map_core::{Backend, ChunkLayout, MemoryBackend, SharedBackend};
+
+const CHUNK: u64 = 512;
+
+/// A synced stage over a remote with known content that records the order chunks became local.
+async fn recording_synced(chunks: u64) -> (Arc<Synced>, Arc<Mutex<Vec<u64>>>, Vec<u8>) {
+    let size = chunks * CHUNK;
+    let content = pattern(9, size as usize);
+    let remote = MemoryBackend::new(size);
+    remote.write_at(0, &content).await.unwrap();
+    let order = Arc::new(Mutex::new(Vec::new()));
+    let hook_order = order.clone();
+    let local: SharedBackend = Arc::new(MemoryBackend::new(size));
+    let synced = Synced::new(local, Arc::new(remote), CHUNK)
+        .unwrap()
+        .with_hook(Arc::new(move |chunk| hook_order.lock().push(chunk)));
+    (Arc::new(synced), order, content)
+}
+
+async fn pull_order(priority: Priority) -> Vec<u64> {
+    let (synced, order, _) = recording_synced(8).await;
+    let puller = Puller::start(
+        synced,
+        PullerOptions {
+            workers: 1,
+            priority,
+        },
+    )
+    .unwrap();
+    puller.wait().await.unwrap();
+    let order = order.lock().clone();
+    order
+}
+
+#[tokio::test]
+async fn one_worker_pulls_in_priority_order() {
+    assert_eq!(
+        pull_order(Priority::sequential()).await,
+        vec![0, 1, 2, 3, 4, 5, 6, 7]
+    );
+    assert_eq!(
+        pull_order(Priority::reverse()).await,
+        vec![7, 6, 5, 4, 3, 2, 1, 0]
+    );
+    let layout = ChunkLayout::new(8 * CHUNK, CHUNK).unwrap();
+    let first = Priority::ranges_first(
+        layout,
+        vec![5 * CHUNK + 10..5 * CHUNK + 20, 2 * CHUNK..4 * CHUNK],
+    );
+    assert_eq!(pull_order(first).await, vec![5, 2, 3, 0, 1, 4, 6, 7]);
+    assert_eq!(
+        pull_order(Priority::custom(|c| (c % 2) as i64)).await,
+        vec![1, 3, 5, 7, 0, 2, 4, 6]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousands_of_workers_pull_everything_exactly_once() {
+    let (synced, order, content) = recording_synced(3000).await;
+    let puller = Puller::start(
+        synced.clone(),
+        PullerOptions {
+            workers: 4096,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    puller.wait().await.unwrap();
+    let progress = puller.progress().borrow().clone();
+    assert!(progress.finished && progress.error.is_none());
+    assert_eq!((progress.pulled, progress.total), (3000, 3000));
+    assert_eq!(synced.fetch_count(), 3000);
+    let mut seen = order.lock().clone();
+    seen.sort_unstable();
+    assert_eq!(seen, (0..3000).collect::<Vec<_>>());
+    let mut all = vec![0; content.len()];
+    synced.read_at(0, &mut all).await.unwrap();
+    assert_eq!(all, content);
+}
+
+#[tokio::test]
+async fn pull_first_requeues_chunks_ahead_of_the_rest() {
+    let (synced, order, content) = recording_synced(6).await;
+    let puller = Puller::start(
+        synced.clone(),
+        PullerOptions {
+            workers: 1,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    puller.wait().await.unwrap();
+    // Chunks 4 and 1 change remotely; a migration destination marks them remote and re-pulls.
+    synced.mark_remote(&[4, 1]).await;
+    order.lock().clear();
+    puller.pull_first(&[4, 1]);
+    puller.wait().await.unwrap();
+    assert_eq!(*order.lock(), vec![4, 1]);
+    assert_eq!(synced.fetch_count(), 8);
+    let mut all = vec![0; content.len()];
+    synced.read_at(0, &mut all).await.unwrap();
+    assert_eq!(all, content);
+}
+
+#[tokio::test]
+async fn stopped_puller_makes_wait_return() {
+    let (synced, _, _) = recording_synced(64).await;
+    let puller = Puller::start(
+        synced,
+        PullerOptions {
+            workers: 1,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    puller.stop();
+    let result = puller.wait().await;
+    assert!(
+        result.is_ok() || matches!(result, Err(r3map_core::Error::Closed)),
+        "{result:?}"
+    );
+}
+
+#[tokio::test]
+async fn zero_workers_are_refused() {
+    let (synced, _, _) = recording_synced(1).await;
+    assert!(Puller::start(
+        synced,
+        PullerOptions {
+            workers: 0,
+            ..Default::default()
+        }
+    )
+    .is_err());
+}

@@ -1,0 +1,84 @@
+//! The pusher over the synced stage (the managed stack's core) against a model.
+
+use std::sync::Arc;
+
+use proptest::prelude::*;
+use r3map_core::stages::{Arbitrary, Pusher, PusherOptions, Synced};
+use r3map_core::testing::{self, pattern};
+use r3map_core::{Backend, MemoryBackend, SharedBackend};
+
+const CHUNK: u64 = 64;
+
+/// `Arbitrary(Pusher(Synced(local, remote)))` over a remote with pseudo-random content.
+async fn managed_stack(
+    size: u64,
+    seed: u64,
+) -> (Arbitrary<Arc<Pusher>>, Arc<Pusher>, SharedBackend, Vec<u8>) {
+    let content = pattern(seed, size as usize);
+    let remote: SharedBackend = Arc::new(MemoryBackend::new(size));
+    remote.write_at(0, &content).await.unwrap();
+    let local: SharedBackend = Arc::new(MemoryBackend::new(size));
+    let synced = Arc::new(Synced::new(local, remote.clone(), CHUNK).unwrap());
+    let pusher =
+        Arc::new(Pusher::start(synced, remote.clone(), CHUNK, PusherOptions::default()).unwrap());
+    let stack = Arbitrary::new(pusher.clone(), CHUNK).unwrap();
+    (stack, pusher, remote, content)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+    /// Any workload through the managed stack reads back like the model, and after sync the
+    /// remote holds exactly the model.
+    #[test]
+    fn managed_stack_matches_model_and_sync_reaches_the_remote(chunks in 1u64..40, tail in 0u64..CHUNK, seed in any::<u64>(), ops in testing::ops_strategy(300, 40)) {
+        testing::block_on(async {
+            let size = chunks * CHUNK + tail;
+            let (stack, pusher, remote, mut model) = managed_stack(size, seed).await;
+            testing::run_ops(&stack, &mut model, 0..size, 1, &ops).await?;
+            testing::check_content(&stack, &model).await?;
+            stack.sync().await.unwrap();
+            prop_assert_eq!(pusher.dirty_count(), 0);
+            testing::check_content(&*remote, &model).await
+        })?;
+    }
+}
+
+#[test]
+fn concurrent_access_through_the_managed_stack_matches_model() {
+    testing::block_on(async {
+        let size = CHUNK * 300 + 7;
+        let remote: SharedBackend = Arc::new(MemoryBackend::new(size));
+        let local: SharedBackend = Arc::new(MemoryBackend::new(size));
+        let synced = Arc::new(Synced::new(local, remote.clone(), CHUNK).unwrap());
+        let pusher = Arc::new(
+            Pusher::start(synced, remote.clone(), CHUNK, PusherOptions::default()).unwrap(),
+        );
+        let stack = Arc::new(Arbitrary::new(pusher.clone(), CHUNK).unwrap());
+        testing::check_concurrent(stack.clone(), 1, 8, 300)
+            .await
+            .unwrap();
+        pusher.sync().await.unwrap();
+        let mut local_view = vec![0; size as usize];
+        stack.read_at(0, &mut local_view).await.unwrap();
+        testing::check_content(&*remote, &local_view).await.unwrap();
+    });
+}
+
+#[tokio::test]
+async fn pushed_bytes_count_whole_chunks_once() {
+    let (stack, pusher, _, _) = managed_stack(CHUNK * 10, 3).await;
+    stack.write_at(5, &[1; 10]).await.unwrap();
+    stack
+        .write_at(CHUNK * 3 + 1, &[2; (CHUNK * 2) as usize])
+        .await
+        .unwrap();
+    assert_eq!(pusher.dirty_count(), 4);
+    stack.sync().await.unwrap();
+    assert_eq!(pusher.pushed_bytes(), 4 * CHUNK);
+    stack.sync().await.unwrap();
+    assert_eq!(
+        pusher.pushed_bytes(),
+        4 * CHUNK,
+        "a clean sync pushed again"
+    );
+}
