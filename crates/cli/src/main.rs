@@ -1,1 +1,61 @@
-fn main() {}
+//! `r3map`: remote memory from the command line.
+
+#![forbid(unsafe_code)]
+
+mod commands;
+mod progress;
+
+use clap::{Parser, Subcommand};
+
+/// r3map makes a remote resource usable as local memory, a file or a block device: bytes are
+/// fetched when touched and ahead of time in the background, and writes are pushed back
+/// asynchronously.
+///
+/// Backends are written as specifications:
+///   memory:SIZE                         in-process memory, e.g. memory:256MiB
+///   file:PATH[?size=SIZE][&direct=true]  a regular file (created with SIZE if missing)
+///   dir:PATH?size=SIZE[&chunk=SIZE]      a directory with one file per chunk
+#[derive(Debug, Parser)]
+#[command(name = "r3map", version, about, long_about, verbatim_doc_comment)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    Mirror(commands::mirror::Args),
+}
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("R3MAP_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: cannot start the async runtime: {err}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Mirror(args) => commands::mirror::run(args).await,
+        }
+    });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

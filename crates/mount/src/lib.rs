@@ -1,1 +1,15 @@
-//! r3map mount (placeholder while the crate is being built).
+//! r3map mounts: the compositions users run.
+//!
+//! - [`managed`]: a remote behind a local cache, with background pull and push (the WAN mode).
+//! - [`spec`]: backend specifications as users write them (`memory:1GiB`, `file:/path`, ...).
+//! - [`size`]: human-readable byte sizes.
+
+#![forbid(unsafe_code)]
+
+pub mod managed;
+pub mod size;
+pub mod spec;
+
+pub use managed::{ManagedMount, ManagedOptions, MountStats};
+pub use size::{format_bytes, parse_size};
+pub use spec::BackendSpec;

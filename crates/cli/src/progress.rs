@@ -1,0 +1,26 @@
+//! Progress bars and throughput figures for long-running commands.
+
+use std::time::Duration;
+
+use indicatif::{ProgressBar, ProgressStyle};
+use r3map_mount::format_bytes;
+
+/// A byte progress bar on stderr (hidden automatically when stderr is not a terminal).
+pub fn byte_bar(total: u64, message: &'static str) -> ProgressBar {
+    let bar = ProgressBar::new(total);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{msg:>8} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    bar.set_message(message);
+    bar
+}
+
+/// `bytes` over `elapsed`, e.g. `812.40 MiB/s`.
+pub fn throughput(bytes: u64, elapsed: Duration) -> String {
+    let per_second = (bytes as f64 / elapsed.as_secs_f64().max(1e-9)) as u64;
+    format!("{}/s", format_bytes(per_second))
+}

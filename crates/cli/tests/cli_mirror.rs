@@ -1,0 +1,92 @@
+//! `r3map mirror` end to end, as a user runs it: a separate process, real backends.
+
+use std::process::Command;
+
+fn r3map(args: &[&str]) -> (bool, String, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_r3map"))
+        .args(args)
+        .output()
+        .expect("run r3map");
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn mirror_on_the_embedded_default_pulls_pushes_and_verifies() {
+    let (ok, stdout, stderr) = r3map(&["mirror", "--size", "24MiB", "--chunk-size", "256KiB"]);
+    assert!(ok, "stdout: {stdout}\nstderr: {stderr}");
+    assert!(stdout.contains("pulled   24.00 MiB"), "{stdout}");
+    assert!(
+        stdout.contains("verified remote and local view are identical"),
+        "{stdout}"
+    );
+    let pushed_line = stdout.lines().find(|l| l.starts_with("pushed")).unwrap();
+    assert!(
+        !pushed_line.starts_with("pushed   0 B"),
+        "the writes were not pushed: {pushed_line}"
+    );
+}
+
+#[test]
+fn mirror_between_a_file_remote_and_a_directory_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let remote = format!("file:{}?size=5MiB", dir.path().join("remote.img").display());
+    let cache = format!("dir:{}?chunk=64KiB", dir.path().join("cache").display());
+    let (ok, stdout, stderr) = r3map(&[
+        "mirror",
+        "--remote",
+        &remote,
+        "--cache",
+        &cache,
+        "--chunk-size",
+        "64KiB",
+        "--write-percent",
+        "30",
+    ]);
+    assert!(ok, "stdout: {stdout}\nstderr: {stderr}");
+    assert!(stdout.contains("verified"), "{stdout}");
+    // The pushed writes reached the remote file on disk: it is no longer all zeros.
+    let bytes = std::fs::read(dir.path().join("remote.img")).unwrap();
+    assert_eq!(bytes.len(), 5 << 20);
+    assert!(
+        bytes.iter().any(|&b| b != 0),
+        "the remote file never received the writes"
+    );
+}
+
+#[test]
+fn bad_specifications_and_sizes_are_explained() {
+    let (ok, _, stderr) = r3map(&["mirror", "--remote", "tape:/dev/st0"]);
+    assert!(
+        !ok && stderr.contains("unknown backend kind \"tape\""),
+        "{stderr}"
+    );
+    let (ok, _, stderr) = r3map(&[
+        "mirror",
+        "--remote",
+        "memory:1MiB",
+        "--cache",
+        "memory:2MiB",
+    ]);
+    assert!(!ok && stderr.contains("must be the same size"), "{stderr}");
+    let (ok, _, stderr) = r3map(&["mirror", "--size", "12 parsecs"]);
+    assert!(!ok && stderr.contains("unknown size unit"), "{stderr}");
+    let (ok, _, stderr) = r3map(&["mirror", "--size", "1MiB", "--chunk-size", "0"]);
+    assert!(
+        !ok && stderr.contains("chunk size must be greater than zero"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn help_documents_the_commands() {
+    let (ok, stdout, _) = r3map(&["--help"]);
+    assert!(ok);
+    assert!(
+        stdout.contains("mirror") && stdout.contains("memory:SIZE") && stdout.contains("dir:PATH"),
+        "{stdout}"
+    );
+}
