@@ -140,3 +140,41 @@ async fn zero_workers_are_refused() {
     )
     .is_err());
 }
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(48))]
+    /// Whatever the size, chunk size, worker count and priority, the puller makes every chunk
+    /// local exactly once, the cache then equals the remote (the model), and reads racing the
+    /// pull see the model too.
+    #[test]
+    fn pulls_every_chunk_once_and_the_cache_equals_the_remote(
+        size in 1u64..20_000,
+        chunk in 1u64..2_000,
+        workers in 1usize..300,
+        seed in proptest::prelude::any::<u64>(),
+        reads in proptest::collection::vec((proptest::prelude::any::<u64>(), 1u64..3000), 0..20),
+    ) {
+        r3map_core::testing::block_on(async move {
+            let content = pattern(seed, size as usize);
+            let remote = MemoryBackend::new(size);
+            remote.write_at(0, &content).await.unwrap();
+            let local: SharedBackend = Arc::new(MemoryBackend::new(size));
+            let synced = Arc::new(Synced::new(local, Arc::new(remote), chunk).unwrap());
+            let priority = Priority::custom(move |c| (c.wrapping_mul(seed | 1) % 7) as i64);
+            let puller = Puller::start(synced.clone(), PullerOptions { workers, priority }).unwrap();
+            let stack = r3map_core::stages::Arbitrary::new(synced.clone(), chunk).unwrap();
+            for (at, len) in reads {
+                let offset = at % size;
+                let len = len.min(size - offset);
+                let mut buf = vec![0; len as usize];
+                stack.read_at(offset, &mut buf).await.unwrap();
+                assert_eq!(buf, content[offset as usize..(offset + len) as usize]);
+            }
+            puller.wait().await.unwrap();
+            let count = size.div_ceil(chunk);
+            assert_eq!(synced.local_count(), count);
+            assert_eq!(synced.fetch_count(), count, "some chunk was fetched twice");
+            r3map_core::testing::check_content(&*synced, &content).await.unwrap();
+        });
+    }
+}
