@@ -2,7 +2,7 @@
 //!
 //! - [`managed`]: a remote behind a local cache, with background pull and push (the WAN mode).
 //! - [`spec`]: backend specifications as users write them (`memory:1GiB`, `file:/path`, ...).
-//! - [`size`]: human-readable byte sizes.
+//! - [`size`]: human-readable byte sizes and durations.
 
 #![forbid(unsafe_code)]
 
@@ -11,5 +11,5 @@ pub mod size;
 pub mod spec;
 
 pub use managed::{ManagedMount, ManagedOptions, MountStats};
-pub use size::{format_bytes, parse_size};
+pub use size::{format_bytes, parse_duration, parse_size};
 pub use spec::BackendSpec;

@@ -1,4 +1,7 @@
-//! Human-readable byte sizes: `4096`, `64k`, `64KiB`, `1.5G`, `256MiB` (powers of 1024).
+//! Human-readable byte sizes (`4096`, `64k`, `64KiB`, `1.5G`, `256MiB`: powers of 1024) and
+//! durations (`25ms`, `1.5s`, `2m`).
+
+use std::time::Duration;
 
 /// Parses a byte size with an optional binary suffix (K, M, G, T; with or without `iB`/`B`).
 pub fn parse_size(text: &str) -> Result<u64, String> {
@@ -45,6 +48,31 @@ pub fn format_bytes(bytes: u64) -> String {
     }
 }
 
+/// Parses a duration: a number with a unit of `us`, `ms`, `s` or `m` (e.g. `25ms`, `1.5s`).
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let trimmed = text.trim();
+    let split = trimmed
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(trimmed.len());
+    let (number, unit) = trimmed.split_at(split);
+    let value: f64 = number.parse().map_err(|_| {
+        format!("{text:?} is not a duration; write a number with a unit, e.g. 25ms")
+    })?;
+    let seconds = match unit.trim() {
+        "us" | "µs" => value / 1e6,
+        "ms" => value / 1e3,
+        "s" => value,
+        "m" | "min" => value * 60.0,
+        "" => return Err(format!("{text:?} needs a unit: us, ms, s or m (e.g. 25ms)")),
+        other => {
+            return Err(format!(
+                "unknown duration unit {other:?} in {text:?}; use us, ms, s or m"
+            ))
+        }
+    };
+    Duration::try_from_secs_f64(seconds).map_err(|_| format!("{text:?} is not a usable duration"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -62,5 +90,11 @@ mod tests {
         assert!(parse_size("0.3").is_err());
         assert_eq!(format_bytes(3 << 29), "1.50 GiB");
         assert_eq!(format_bytes(12), "12 B");
+        assert_eq!(parse_duration("25ms"), Ok(Duration::from_millis(25)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert!(parse_duration("25").unwrap_err().contains("needs a unit"));
+        assert!(parse_duration("2 fortnights")
+            .unwrap_err()
+            .contains("unknown duration unit"));
     }
 }

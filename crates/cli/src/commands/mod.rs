@@ -1,3 +1,4 @@
 //! One module per subcommand.
 
+pub mod delay_proxy;
 pub mod mirror;
