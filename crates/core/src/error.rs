@@ -60,6 +60,25 @@ impl From<std::io::Error> for Error {
 }
 
 impl Error {
+    /// Whether the error means the connection to a remote is gone (so reconnecting and retrying
+    /// may help), as opposed to the remote refusing the request.
+    pub fn is_connection_loss(&self) -> bool {
+        use std::io::ErrorKind::*;
+        match self {
+            Error::Closed => true,
+            Error::Io(err) => matches!(
+                err.kind(),
+                ConnectionAborted
+                    | ConnectionReset
+                    | ConnectionRefused
+                    | BrokenPipe
+                    | UnexpectedEof
+                    | NotConnected
+            ),
+            _ => false,
+        }
+    }
+
     /// The errno a kernel-facing frontend (FUSE, NBD, userfaultfd) reports for this error.
     pub fn errno(&self) -> i32 {
         match self {

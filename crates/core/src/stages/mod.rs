@@ -9,6 +9,7 @@ pub mod chunked;
 pub mod gate;
 pub mod puller;
 pub mod pusher;
+pub mod reconnect;
 pub mod synced;
 pub mod tracker;
 
@@ -17,5 +18,6 @@ pub use chunked::Chunked;
 pub use gate::Gate;
 pub use puller::{Priority, PullProgress, PullTarget, Puller, PullerOptions};
 pub use pusher::{Pusher, PusherOptions};
+pub use reconnect::{Connector, ReconnectOptions, Reconnecting};
 pub use synced::Synced;
 pub use tracker::Tracker;

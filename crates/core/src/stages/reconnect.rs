@@ -1,0 +1,223 @@
+//! Reconnect: keeps a remote usable across connection loss. A request that fails because the
+//! connection is gone waits for a new connection (made in the background with exponential
+//! backoff) and is retried, up to a deadline; then it fails with `Error::Timeout` (EIO to the
+//! kernel), so nothing hangs forever.
+//!
+//! Retrying is safe because every `Backend` operation is idempotent: writing the same bytes to
+//! the same place twice has the same effect as once.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::{Backend, Error, Result, SharedBackend};
+
+/// Makes a new connection to the remote.
+pub type Connector =
+    Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Result<SharedBackend>> + Send>> + Send + Sync>;
+
+/// Reconnection settings.
+#[derive(Debug, Clone)]
+pub struct ReconnectOptions {
+    /// How long one request may wait for the remote (including reconnects) before failing.
+    pub request_timeout: Duration,
+    /// First pause between connection attempts; doubles up to `max_backoff`.
+    pub initial_backoff: Duration,
+    /// Longest pause between connection attempts.
+    pub max_backoff: Duration,
+}
+
+impl Default for ReconnectOptions {
+    fn default() -> Self {
+        Self {
+            request_timeout: Duration::from_secs(30),
+            initial_backoff: Duration::from_millis(50),
+            max_backoff: Duration::from_secs(5),
+        }
+    }
+}
+
+/// The current connection, numbered so a failure reported twice causes one reconnect.
+#[derive(Clone)]
+enum Link {
+    Up {
+        generation: u64,
+        backend: SharedBackend,
+    },
+    Down,
+}
+
+struct Shared {
+    connector: Connector,
+    options: ReconnectOptions,
+    link: watch::Sender<Link>,
+}
+
+/// A remote that reconnects on connection loss.
+pub struct Reconnecting {
+    shared: Arc<Shared>,
+    size: u64,
+}
+
+impl Reconnecting {
+    /// Connects once (the first connection must succeed, so a wrong address fails at once),
+    /// then keeps the remote connected.
+    pub async fn connect(connector: Connector, options: ReconnectOptions) -> Result<Self> {
+        let backend = connector().await?;
+        let size = backend.size();
+        let (link, _) = watch::channel(Link::Up {
+            generation: 0,
+            backend,
+        });
+        Ok(Self {
+            shared: Arc::new(Shared {
+                connector,
+                options,
+                link,
+            }),
+            size,
+        })
+    }
+
+    /// Whether a connection is up right now.
+    pub fn is_connected(&self) -> bool {
+        matches!(*self.shared.link.borrow(), Link::Up { .. })
+    }
+
+    fn attempt(&self) -> Attempt<'_> {
+        Attempt {
+            shared: &self.shared,
+            link: self.shared.link.subscribe(),
+            deadline: Instant::now() + self.shared.options.request_timeout,
+        }
+    }
+}
+
+/// One request's tries: hands out the current connection, waiting for a reconnect while the
+/// remote is down, until the request's deadline.
+struct Attempt<'a> {
+    shared: &'a Arc<Shared>,
+    link: watch::Receiver<Link>,
+    deadline: Instant,
+}
+
+impl Attempt<'_> {
+    async fn connection(&mut self) -> Result<(u64, SharedBackend)> {
+        loop {
+            if let Link::Up {
+                generation,
+                backend,
+            } = &*self.link.borrow_and_update()
+            {
+                return Ok((*generation, backend.clone()));
+            }
+            if tokio::time::timeout_at(self.deadline, self.link.changed())
+                .await
+                .is_err()
+            {
+                return Err(Error::Timeout(self.shared.options.request_timeout));
+            }
+        }
+    }
+
+    /// Decides what to do with a request's result: `None` = retry on a new connection.
+    fn settle<T>(&self, generation: u64, result: Result<T>) -> Option<Result<T>> {
+        match result {
+            Err(err) if err.is_connection_loss() => {
+                tracing::warn!(%err, "lost the remote; reconnecting");
+                Shared::connection_lost(self.shared, generation);
+                if Instant::now() >= self.deadline {
+                    return Some(Err(Error::Timeout(self.shared.options.request_timeout)));
+                }
+                None
+            }
+            result => Some(result),
+        }
+    }
+}
+
+/// Retries `$call` (an expression using `$backend`) on connection loss.
+macro_rules! retried {
+    ($self:ident, |$backend:ident| $call:expr) => {{
+        let mut attempt = $self.attempt();
+        loop {
+            let (generation, $backend) = attempt.connection().await?;
+            if let Some(result) = attempt.settle(generation, $call.await) {
+                break result;
+            }
+        }
+    }};
+}
+
+impl Shared {
+    /// Marks connection `generation` as lost and starts reconnecting, unless that already
+    /// happened.
+    fn connection_lost(shared: &Arc<Self>, generation: u64) {
+        let mut started = false;
+        shared.link.send_if_modified(|link| match link {
+            Link::Up {
+                generation: current,
+                ..
+            } if *current == generation => {
+                *link = Link::Down;
+                started = true;
+                true
+            }
+            _ => false,
+        });
+        if started {
+            tokio::spawn(Self::reconnect(shared.clone(), generation + 1));
+        }
+    }
+
+    async fn reconnect(self: Arc<Self>, generation: u64) {
+        let mut backoff = self.options.initial_backoff;
+        loop {
+            match (self.connector)().await {
+                Ok(backend) => {
+                    tracing::info!(generation, "reconnected to the remote");
+                    self.link.send_replace(Link::Up {
+                        generation,
+                        backend,
+                    });
+                    return;
+                }
+                Err(err) => {
+                    tracing::warn!(%err, ?backoff, "reconnecting failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(self.options.max_backoff);
+                }
+            }
+            if self.link.is_closed() && Arc::strong_count(&self) == 1 {
+                return; // nobody uses the remote any more
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Backend for Reconnecting {
+    fn size(&self) -> u64 {
+        self.size
+    }
+    async fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        retried!(self, |backend| backend.read_at(offset, buf))
+    }
+    async fn write_at(&self, offset: u64, data: &[u8]) -> Result<()> {
+        retried!(self, |backend| backend.write_at(offset, data))
+    }
+    async fn sync(&self) -> Result<()> {
+        retried!(self, |backend| backend.sync())
+    }
+    async fn trim(&self, offset: u64, len: u64) -> Result<()> {
+        retried!(self, |backend| backend.trim(offset, len))
+    }
+    async fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        retried!(self, |backend| backend.write_zeroes(offset, len))
+    }
+}

@@ -1,0 +1,205 @@
+//! The reconnect stage: outages are ridden out, bounded by the request timeout.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use r3map_core::stages::{Connector, ReconnectOptions, Reconnecting};
+use r3map_core::{Backend, Error, MemoryBackend, Result, SharedBackend};
+
+/// A server that can go down: going down kills every open connection (like a restart), and
+/// new connections are refused until it is up again. The data survives (it is on its disk).
+struct Server {
+    data: Arc<MemoryBackend>,
+    up: AtomicBool,
+    epoch: AtomicU64,
+    connects: AtomicU64,
+}
+
+impl Server {
+    fn new(size: u64) -> Arc<Self> {
+        Arc::new(Self {
+            data: Arc::new(MemoryBackend::new(size)),
+            up: AtomicBool::new(true),
+            epoch: AtomicU64::new(0),
+            connects: AtomicU64::new(0),
+        })
+    }
+    fn go_down(&self) {
+        self.up.store(false, Ordering::SeqCst);
+        self.epoch.fetch_add(1, Ordering::SeqCst);
+    }
+    fn come_up(&self) {
+        self.up.store(true, Ordering::SeqCst);
+    }
+    fn connector(self: &Arc<Self>) -> Connector {
+        let server = self.clone();
+        Arc::new(move || {
+            let server = server.clone();
+            Box::pin(async move {
+                server.connects.fetch_add(1, Ordering::SeqCst);
+                if !server.up.load(Ordering::SeqCst) {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::ConnectionRefused,
+                        "server down",
+                    )
+                    .into());
+                }
+                let epoch = server.epoch.load(Ordering::SeqCst);
+                Ok(Arc::new(Connection { server, epoch }) as SharedBackend)
+            })
+        })
+    }
+}
+
+struct Connection {
+    server: Arc<Server>,
+    epoch: u64,
+}
+
+impl Connection {
+    fn check(&self) -> Result<()> {
+        if self.server.epoch.load(Ordering::SeqCst) != self.epoch {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionAborted,
+                "connection lost",
+            )
+            .into());
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Backend for Connection {
+    fn size(&self) -> u64 {
+        self.server.data.size()
+    }
+    async fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.check()?;
+        self.server.data.read_at(offset, buf).await
+    }
+    async fn write_at(&self, offset: u64, data: &[u8]) -> Result<()> {
+        self.check()?;
+        self.server.data.write_at(offset, data).await
+    }
+    async fn sync(&self) -> Result<()> {
+        self.check()
+    }
+}
+
+fn options(timeout_ms: u64) -> ReconnectOptions {
+    ReconnectOptions {
+        request_timeout: Duration::from_millis(timeout_ms),
+        initial_backoff: Duration::from_millis(5),
+        max_backoff: Duration::from_millis(20),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_during_an_outage_wait_and_succeed_after_it() {
+    let server = Server::new(4096);
+    let remote = Arc::new(
+        Reconnecting::connect(server.connector(), options(10_000))
+            .await
+            .unwrap(),
+    );
+    remote.write_at(0, b"before").await.unwrap();
+    server.go_down();
+    let writers: Vec<_> = (0..16u64)
+        .map(|i| {
+            let remote = remote.clone();
+            tokio::spawn(async move { remote.write_at(100 + i * 10, &[i as u8 + 1; 10]).await })
+        })
+        .collect();
+    // Wait until the writers have hit the outage (a reconnect was attempted), then bring the
+    // server back.
+    while server.connects.load(Ordering::SeqCst) < 2 {
+        tokio::task::yield_now().await;
+    }
+    assert!(!remote.is_connected());
+    server.come_up();
+    for w in writers {
+        w.await.unwrap().unwrap();
+    }
+    let mut buf = [0u8; 6];
+    remote.read_at(0, &mut buf).await.unwrap();
+    assert_eq!(&buf, b"before");
+    for i in 0..16u64 {
+        let mut piece = [0u8; 10];
+        remote.read_at(100 + i * 10, &mut piece).await.unwrap();
+        assert_eq!(piece, [i as u8 + 1; 10]);
+    }
+    assert!(remote.is_connected());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_that_stays_down_fails_requests_after_the_timeout() {
+    let server = Server::new(4096);
+    let remote = Reconnecting::connect(server.connector(), options(300))
+        .await
+        .unwrap();
+    server.go_down();
+    let started = std::time::Instant::now();
+    let result = remote.read_at(0, &mut [0; 16]).await;
+    let elapsed = started.elapsed();
+    assert!(matches!(result, Err(Error::Timeout(_))), "{result:?}");
+    assert_eq!(
+        result.unwrap_err().errno(),
+        5,
+        "a timeout must reach the kernel as EIO"
+    );
+    assert!(
+        elapsed >= Duration::from_millis(250) && elapsed < Duration::from_secs(5),
+        "{elapsed:?}"
+    );
+    assert!(
+        server.connects.load(Ordering::SeqCst) > 2,
+        "it never retried connecting"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_failing_requests_cause_one_reconnect() {
+    let server = Server::new(1 << 20);
+    let remote = Arc::new(
+        Reconnecting::connect(server.connector(), options(10_000))
+            .await
+            .unwrap(),
+    );
+    server.go_down();
+    server.come_up();
+    let readers: Vec<_> = (0..64u64)
+        .map(|i| {
+            let remote = remote.clone();
+            tokio::spawn(async move { remote.read_at(i * 4096, &mut [0; 4096]).await })
+        })
+        .collect();
+    for r in readers {
+        r.await.unwrap().unwrap();
+    }
+    assert_eq!(
+        server.connects.load(Ordering::SeqCst),
+        2,
+        "one initial connection and one reconnect"
+    );
+}
+
+#[tokio::test]
+async fn refusals_are_not_retried_and_the_first_connection_must_succeed() {
+    let server = Server::new(100);
+    let remote = Reconnecting::connect(server.connector(), options(10_000))
+        .await
+        .unwrap();
+    let result = remote.read_at(90, &mut [0; 20]).await;
+    assert!(
+        matches!(result, Err(Error::OutOfBounds { .. })),
+        "{result:?}"
+    );
+    assert_eq!(server.connects.load(Ordering::SeqCst), 1);
+    server.go_down();
+    assert!(Reconnecting::connect(server.connector(), options(100))
+        .await
+        .is_err());
+}
