@@ -139,11 +139,7 @@ impl AlignedBuf {
         let align = DIRECT_IO_ALIGNMENT as usize;
         let storage = vec![0u8; len + align];
         let start = (align - storage.as_ptr().addr() % align) % align;
-        Self {
-            storage,
-            start,
-            len,
-        }
+        Self { storage, start, len }
     }
 
     pub(crate) fn as_mut_slice(&mut self) -> &mut [u8] {
@@ -166,10 +162,7 @@ mod tests {
 
     #[test]
     fn refusal_names_the_path_and_the_fix() {
-        let err = open_error(
-            io::Error::from_raw_os_error(libc::EINVAL),
-            Path::new("/mnt/x"),
-        );
+        let err = open_error(io::Error::from_raw_os_error(libc::EINVAL), Path::new("/mnt/x"));
         let message = err.to_string();
         assert!(message.contains("/mnt/x") && message.contains("refuses O_DIRECT"));
         assert!(message.contains("without direct I/O"));

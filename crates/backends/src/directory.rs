@@ -20,9 +20,7 @@ use lru::LruCache;
 use parking_lot::Mutex;
 use r3map_core::{check_range, AtomicBitmap, Backend, ChunkLayout, Error, Result};
 
-use crate::fileops::{
-    offload, read_or_zeros, setup_error, sync_dir, sync_parent, zero_range, Zeroing,
-};
+use crate::fileops::{offload, read_or_zeros, setup_error, sync_dir, sync_parent, zero_range, Zeroing};
 
 const CHUNK_FILE_PREFIX: &str = "chunk-";
 
@@ -238,10 +236,7 @@ impl Backend for DirectoryBackend {
         }
         let open: Vec<_> = {
             let cache = self.open_files.lock();
-            chunks
-                .iter()
-                .map(|c| (*c, cache.peek(c).cloned()))
-                .collect()
+            chunks.iter().map(|c| (*c, cache.peek(c).cloned())).collect()
         };
         let dir = self.dir.clone();
         let result = offload(move || {

@@ -87,9 +87,7 @@ impl FileBackend {
             .map_err(|err| setup_error(err, "cannot find the size of", path))?;
         Ok(Self {
             file: Arc::new(file),
-            direct: direct_file
-                .map(|file| DirectFile::new(file, size))
-                .transpose()?,
+            direct: direct_file.map(|file| DirectFile::new(file, size)).transpose()?,
             size,
         })
     }

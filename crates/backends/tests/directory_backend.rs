@@ -117,10 +117,7 @@ fn sync_reaches_chunks_evicted_from_the_cache() {
         backend.write_at(2000, &[4; 10]).await.unwrap(); // evicts chunk 0 again
         std::fs::remove_file(dir.path().join("chunk-00000000")).unwrap();
         assert!(backend.sync().await.is_err());
-        assert!(
-            backend.sync().await.is_err(),
-            "a failed sync must be retried"
-        );
+        assert!(backend.sync().await.is_err(), "a failed sync must be retried");
     });
 }
 
@@ -146,13 +143,9 @@ fn reopening_with_another_layout_is_refused() {
     let dir = common::tempdir();
     drop(open(dir.path(), 9999, 1000, 2));
     for (size, chunk_size) in [(9999, 500), (10_000, 1000)] {
-        let err = DirectoryBackend::open(dir.path(), size, chunk_size, DirectoryOptions::new())
-            .unwrap_err();
+        let err = DirectoryBackend::open(dir.path(), size, chunk_size, DirectoryOptions::new()).unwrap_err();
         assert!(matches!(err, Error::InvalidConfig(_)), "{err}");
-        assert!(
-            err.to_string().contains("size=9999 chunk_size=1000"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("size=9999 chunk_size=1000"), "{err}");
     }
 }
 
@@ -164,9 +157,7 @@ fn bad_input_fails_and_changes_nothing() {
         let out_of_bounds = |result| matches!(result, Err(Error::OutOfBounds { .. }));
         assert!(out_of_bounds(backend.write_at(u64::MAX, &[1; 2]).await));
         assert!(out_of_bounds(backend.write_at(99, &[1; 2]).await));
-        assert!(out_of_bounds(
-            backend.read_at(u64::MAX - 1, &mut [0; 4]).await
-        ));
+        assert!(out_of_bounds(backend.read_at(u64::MAX - 1, &mut [0; 4]).await));
         assert!(out_of_bounds(backend.trim(u64::MAX, 2).await));
         assert!(out_of_bounds(backend.write_zeroes(50, u64::MAX).await));
     });
@@ -178,8 +169,7 @@ fn invalid_configuration_is_refused() {
     let dir = common::tempdir();
     let zero_chunks = DirectoryBackend::open(dir.path(), 100, 0, DirectoryOptions::new());
     assert!(matches!(zero_chunks, Err(Error::InvalidConfig(_))));
-    let no_cache =
-        DirectoryBackend::open(dir.path(), 100, 10, DirectoryOptions::new().open_files(0));
+    let no_cache = DirectoryBackend::open(dir.path(), 100, 10, DirectoryOptions::new().open_files(0));
     assert!(matches!(no_cache, Err(Error::InvalidConfig(_))));
     let too_many_chunks = DirectoryBackend::open(dir.path(), 1 << 40, 1, DirectoryOptions::new());
     assert!(matches!(too_many_chunks, Err(Error::InvalidConfig(_))));

@@ -58,13 +58,7 @@ proptest! {
 fn concurrent_buffered_access_matches_model() {
     let dir = common::tempdir();
     let backend = FileBackend::create(dir.path().join("file.img"), 300_017, FileOptions::new());
-    block_on(testing::check_concurrent(
-        Arc::new(backend.unwrap()),
-        1,
-        8,
-        200,
-    ))
-    .unwrap();
+    block_on(testing::check_concurrent(Arc::new(backend.unwrap()), 1, 8, 200)).unwrap();
 }
 
 #[test]
@@ -127,21 +121,14 @@ fn direct_io_serves_aligned_and_unaligned_memory_and_keeps_the_size() {
             backend.write_at(0, buf).await.unwrap();
             buf.fill(0);
             backend.read_at(0, buf).await.unwrap();
-            assert!(
-                buf == data.as_slice(),
-                "round trip through memory at +{start}"
-            );
+            assert!(buf == data.as_slice(), "round trip through memory at +{start}");
         }
         // The partial tail block alone, ending at the logical end.
         backend.write_at(whole, &[9; 100]).await.unwrap();
         backend.sync().await.unwrap();
     });
     let on_disk = std::fs::read(dir.path().join("direct.img")).unwrap();
-    assert_eq!(
-        on_disk.len() as u64,
-        size,
-        "direct writes must not grow the file"
-    );
+    assert_eq!(on_disk.len() as u64, size, "direct writes must not grow the file");
     assert!(on_disk[..whole as usize] == pattern(2, size as usize)[..whole as usize]);
     assert_eq!(on_disk[whole as usize..], [9; 100]);
 }
@@ -153,25 +140,13 @@ fn direct_io_rejects_unaligned_requests_and_changes_nothing() {
         return;
     };
     block_on(async {
-        let unaligned = |result| {
-            matches!(
-                result,
-                Err(Error::Unaligned {
-                    alignment: 4096,
-                    ..
-                })
-            )
-        };
+        let unaligned = |result| matches!(result, Err(Error::Unaligned { alignment: 4096, .. }));
         assert!(unaligned(backend.write_at(1, &[1; 4096]).await));
         assert!(unaligned(backend.write_at(0, &[1; 100]).await));
         assert!(unaligned(backend.read_at(BLOCK, &mut [0; 10]).await));
         assert!(unaligned(backend.trim(0, 10).await));
         assert!(unaligned(backend.write_zeroes(BLOCK + 1, 100).await));
-        let message = backend
-            .write_at(1, &[1; 4096])
-            .await
-            .unwrap_err()
-            .to_string();
+        let message = backend.write_at(1, &[1; 4096]).await.unwrap_err().to_string();
         assert!(message.contains("not aligned to 4096-byte"), "{message}");
         let mut all = vec![0xFF; (2 * BLOCK + 10) as usize];
         backend.read_at(0, &mut all).await.unwrap();
@@ -200,27 +175,19 @@ fn direct_io_refusal_is_explained() {
 #[test]
 fn bad_input_fails_and_changes_nothing() {
     let dir = common::tempdir();
-    let backend =
-        FileBackend::create(dir.path().join("file.img"), 100, FileOptions::new()).unwrap();
+    let backend = FileBackend::create(dir.path().join("file.img"), 100, FileOptions::new()).unwrap();
     block_on(async {
         let out_of_bounds = |result| matches!(result, Err(Error::OutOfBounds { .. }));
         assert!(out_of_bounds(backend.write_at(u64::MAX, &[1; 2]).await));
         assert!(out_of_bounds(backend.write_at(99, &[1; 2]).await));
-        assert!(out_of_bounds(
-            backend.read_at(u64::MAX - 1, &mut [0; 4]).await
-        ));
+        assert!(out_of_bounds(backend.read_at(u64::MAX - 1, &mut [0; 4]).await));
         assert!(out_of_bounds(backend.trim(u64::MAX, 2).await));
         assert!(out_of_bounds(backend.write_zeroes(50, u64::MAX).await));
         let mut all = [0xFF; 100];
         backend.read_at(0, &mut all).await.unwrap();
         assert_eq!(all, [0; 100]);
     });
-    assert_eq!(
-        std::fs::metadata(dir.path().join("file.img"))
-            .unwrap()
-            .len(),
-        100
-    );
+    assert_eq!(std::fs::metadata(dir.path().join("file.img")).unwrap().len(), 100);
 }
 
 #[test]

@@ -64,13 +64,7 @@ fn bad_specifications_and_sizes_are_explained() {
         !ok && stderr.contains("unknown backend kind \"tape\""),
         "{stderr}"
     );
-    let (ok, _, stderr) = r3map(&[
-        "mirror",
-        "--remote",
-        "memory:1MiB",
-        "--cache",
-        "memory:2MiB",
-    ]);
+    let (ok, _, stderr) = r3map(&["mirror", "--remote", "memory:1MiB", "--cache", "memory:2MiB"]);
     assert!(!ok && stderr.contains("must be the same size"), "{stderr}");
     let (ok, _, stderr) = r3map(&["mirror", "--size", "12 parsecs"]);
     assert!(!ok && stderr.contains("unknown size unit"), "{stderr}");

@@ -1,19 +1,60 @@
 //! A fixed-size atomic bitmap: one bit of state per chunk, no per-chunk allocation.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use crate::mapped::MappedFile;
 
 /// `len` bits packed into `AtomicU64` words; every operation is lock-free.
 #[derive(Debug)]
 pub struct AtomicBitmap {
-    words: Box<[AtomicU64]>,
+    words: Words,
     len: u64,
+}
+
+/// Where the words live: in this process, or in a mapped state file (persistent).
+#[derive(Debug)]
+enum Words {
+    Owned(Box<[AtomicU64]>),
+    Mapped {
+        file: Arc<MappedFile>,
+        byte_offset: usize,
+    },
 }
 
 impl AtomicBitmap {
     /// A bitmap of `len` cleared bits.
     pub fn new(len: u64) -> Self {
-        let words = (0..len.div_ceil(64)).map(|_| AtomicU64::new(0)).collect();
-        Self { words, len }
+        let words = (0..Self::words_for(len)).map(|_| AtomicU64::new(0)).collect();
+        Self {
+            words: Words::Owned(words),
+            len,
+        }
+    }
+
+    /// A bitmap of `len` bits stored in `file` at `byte_offset` (keeping whatever bits the file
+    /// holds), so every change is in the page cache at once and survives this process.
+    pub fn in_mapped_file(file: Arc<MappedFile>, byte_offset: usize, len: u64) -> Self {
+        // Check the range now, so `words()` cannot fail later.
+        file.words(byte_offset, Self::words_for(len) as usize);
+        Self {
+            words: Words::Mapped { file, byte_offset },
+            len,
+        }
+    }
+
+    /// Number of 64-bit words needed for `len` bits.
+    pub fn words_for(len: u64) -> u64 {
+        len.div_ceil(64)
+    }
+
+    fn words(&self) -> &[AtomicU64] {
+        match &self.words {
+            Words::Owned(words) => words,
+            Words::Mapped { file, byte_offset } => {
+                file.words(*byte_offset, Self::words_for(self.len) as usize)
+            }
+        }
     }
 
     /// Number of bits.
@@ -28,7 +69,7 @@ impl AtomicBitmap {
 
     fn word_and_mask(&self, index: u64) -> (&AtomicU64, u64) {
         assert!(index < self.len, "bit {index} out of range {}", self.len);
-        (&self.words[(index / 64) as usize], 1 << (index % 64))
+        (&self.words()[(index / 64) as usize], 1 << (index % 64))
     }
 
     /// Reads bit `index`.
@@ -51,7 +92,7 @@ impl AtomicBitmap {
 
     /// Sets every bit.
     pub fn set_all(&self) {
-        for (i, word) in self.words.iter().enumerate() {
+        for (i, word) in self.words().iter().enumerate() {
             word.store(self.full_word_mask(i), Ordering::Release);
         }
     }
@@ -67,7 +108,7 @@ impl AtomicBitmap {
 
     /// Number of set bits.
     pub fn count_ones(&self) -> u64 {
-        self.words
+        self.words()
             .iter()
             .map(|w| u64::from(w.load(Ordering::Acquire).count_ones()))
             .sum()
@@ -81,7 +122,7 @@ impl AtomicBitmap {
     /// Indices of set bits, in order (a snapshot; concurrent changes may or may not show).
     pub fn ones(&self) -> Vec<u64> {
         let mut out = Vec::new();
-        for (i, word) in self.words.iter().enumerate() {
+        for (i, word) in self.words().iter().enumerate() {
             collect_ones(word.load(Ordering::Acquire), i, &mut out);
         }
         out
@@ -91,7 +132,7 @@ impl AtomicBitmap {
     /// so a bit set concurrently is either returned now or stays set for the next call.
     pub fn take(&self) -> Vec<u64> {
         let mut out = Vec::new();
-        for (i, word) in self.words.iter().enumerate() {
+        for (i, word) in self.words().iter().enumerate() {
             collect_ones(word.swap(0, Ordering::AcqRel), i, &mut out);
         }
         out

@@ -18,11 +18,7 @@ pub enum Error {
 
     /// The request does not start and end on chunk (or block) boundaries.
     #[error("request of {len} bytes at offset {offset} is not aligned to {alignment}-byte chunks; put an `Arbitrary` stage in front to accept unaligned I/O")]
-    Unaligned {
-        offset: u64,
-        len: u64,
-        alignment: u64,
-    },
+    Unaligned { offset: u64, len: u64, alignment: u64 },
 
     /// The request is larger than the stage or server allows.
     #[error("request of {len} bytes exceeds the maximum of {max} bytes per request")]

@@ -6,6 +6,7 @@
 //! - [`error`]: the shared [`Error`] type.
 //! - [`layout`]: chunk math ([`ChunkLayout`]), including the short tail chunk.
 //! - [`bitmap`]: [`AtomicBitmap`], one bit of state per chunk.
+//! - [`mapped`]: bitmap words in a memory-mapped state file (persistent chunk state).
 //! - [`locks`]: [`ChunkLocks`], per-chunk async locks that cost memory only while held.
 //! - [`memory`]: [`MemoryBackend`], the in-process backend (local cache, tests).
 //! - [`stages`]: wrappers that add one behaviour each (chunked, arbitrary, synced, puller,
@@ -17,6 +18,7 @@ pub mod bitmap;
 pub mod error;
 pub mod layout;
 pub mod locks;
+pub mod mapped;
 pub mod memory;
 pub mod stages;
 #[cfg(any(test, feature = "testing"))]

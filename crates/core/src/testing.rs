@@ -98,11 +98,7 @@ pub async fn run_ops(
                 backend.read_at(offset, &mut buf).await.map_err(fail(op))?;
                 let expected = &model[offset as usize..(offset + len) as usize];
                 check(buf == expected, || {
-                    let first = buf
-                        .iter()
-                        .zip(expected)
-                        .position(|(a, b)| a != b)
-                        .unwrap_or(0);
+                    let first = buf.iter().zip(expected).position(|(a, b)| a != b).unwrap_or(0);
                     format!("{op:?}: read {len} bytes at {offset} differs from the model first at +{first}")
                 })?;
             }
@@ -162,9 +158,7 @@ pub async fn check_content(backend: &dyn Backend, model: &[u8]) -> Result<(), Te
         .read_at(0, &mut all)
         .await
         .map_err(|e| TestCaseError::fail(format!("full read failed: {e}")))?;
-    check(all == model, || {
-        "final content differs from the model".into()
-    })
+    check(all == model, || "final content differs from the model".into())
 }
 
 /// Splits an all-zero backend into `tasks` disjoint windows (aligned to `alignment`) and runs a
@@ -189,11 +183,7 @@ pub async fn check_concurrent(
         let backend = backend.clone();
         handles.push(tokio::spawn(async move {
             let mut model = vec![0u8; size as usize];
-            let ops = random_ops(
-                task,
-                ops_per_task,
-                (end - start).min(4 * alignment.max(4096)),
-            );
+            let ops = random_ops(task, ops_per_task, (end - start).min(4 * alignment.max(4096)));
             run_ops(&*backend, &mut model, start..end, alignment, &ops).await?;
             Ok::<_, TestCaseError>((start, model[start as usize..end as usize].to_vec()))
         }));

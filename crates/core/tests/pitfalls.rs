@@ -29,8 +29,7 @@ async fn read_all(backend: &dyn Backend) -> Vec<u8> {
 async fn pusher_write_racing_a_push_is_never_lost() {
     let remote: SharedBackend = Arc::new(MemoryBackend::new(CHUNK * 2));
     let local: SharedBackend = Arc::new(MemoryBackend::new(CHUNK * 2));
-    let pusher =
-        Arc::new(Pusher::start(local, remote.clone(), CHUNK, PusherOptions::default()).unwrap());
+    let pusher = Arc::new(Pusher::start(local, remote.clone(), CHUNK, PusherOptions::default()).unwrap());
     let writing = Arc::new(AtomicBool::new(true));
     // Two flushers, like the interval push and an explicit sync meeting.
     let flushers: Vec<_> = (0..2)
@@ -48,10 +47,7 @@ async fn pusher_write_racing_a_push_is_never_lost() {
     // flushes were pushing the same chunk at the same time.
     for round in 0..500u32 {
         let value = (round % 251) as u8 + 1;
-        pusher
-            .write_at(0, &vec![value; CHUNK as usize])
-            .await
-            .unwrap();
+        pusher.write_at(0, &vec![value; CHUNK as usize]).await.unwrap();
         pusher.sync().await.unwrap();
         let remote_bytes = read_all(&*remote).await;
         assert!(
@@ -73,24 +69,15 @@ async fn pusher_concurrent_write_and_sync_succeed() {
     let size = CHUNK * 64 + 100;
     let remote: SharedBackend = Arc::new(MemoryBackend::new(size));
     let local: SharedBackend = Arc::new(MemoryBackend::new(size));
-    let pusher = Arc::new(
-        Pusher::start(
-            local.clone(),
-            remote.clone(),
-            CHUNK,
-            PusherOptions::default(),
-        )
-        .unwrap(),
-    );
+    let pusher =
+        Arc::new(Pusher::start(local.clone(), remote.clone(), CHUNK, PusherOptions::default()).unwrap());
     let mut tasks = Vec::new();
     for task in 0..16u64 {
         let pusher = pusher.clone();
         tasks.push(tokio::spawn(async move {
             for i in 0..50u64 {
                 let offset = ((task * 50 + i) * 977) % (size - 300);
-                pusher
-                    .write_at(offset, &pattern(task * 1000 + i, 300))
-                    .await?;
+                pusher.write_at(offset, &pattern(task * 1000 + i, 300)).await?;
                 if i % 5 == 0 {
                     pusher.sync().await?;
                 }
@@ -127,12 +114,7 @@ async fn puller_failing_remote_surfaces_the_error_and_wait_returns() {
     let err = result.unwrap_err();
     assert!(err.to_string().contains("injected read failure"), "{err}");
     assert_eq!(
-        puller
-            .progress()
-            .borrow()
-            .error
-            .as_ref()
-            .map(|e| e.to_string()),
+        puller.progress().borrow().error.as_ref().map(|e| e.to_string()),
         Some(err.to_string())
     );
     // Once the remote recovers, the failed chunks can be pulled again.
@@ -158,20 +140,12 @@ async fn tail_chunk_is_pulled_and_pushed_when_size_is_not_a_chunk_multiple() {
     assert_eq!(synced.local_count(), 11, "the tail chunk was not pulled");
     assert_eq!(read_all(&*local).await, content);
 
-    let pusher = Pusher::start(
-        synced.clone(),
-        remote.clone(),
-        CHUNK,
-        PusherOptions::default(),
-    )
-    .unwrap();
+    let pusher = Pusher::start(synced.clone(), remote.clone(), CHUNK, PusherOptions::default()).unwrap();
     pusher.write_at(CHUNK * 10, &[0xAB; 123]).await.unwrap();
     pusher.sync().await.unwrap();
     let remote_bytes = read_all(&*remote).await;
     assert!(
-        remote_bytes[(CHUNK * 10) as usize..]
-            .iter()
-            .all(|&b| b == 0xAB),
+        remote_bytes[(CHUNK * 10) as usize..].iter().all(|&b| b == 0xAB),
         "the tail chunk was not pushed"
     );
     assert_eq!(
@@ -190,11 +164,7 @@ async fn close_returns_the_final_sync_error() {
     remote.fail_writes.store(true, Ordering::SeqCst);
     let err = pusher.sync().await.unwrap_err();
     assert!(err.to_string().contains("injected write failure"), "{err}");
-    assert_eq!(
-        pusher.dirty_count(),
-        1,
-        "a failed push must keep the chunk dirty"
-    );
+    assert_eq!(pusher.dirty_count(), 1, "a failed push must keep the chunk dirty");
     let err = pusher.close().await.unwrap_err();
     assert!(err.to_string().contains("injected write failure"), "{err}");
     assert!(matches!(pusher.write_at(0, &[2]).await, Err(Error::Closed)));

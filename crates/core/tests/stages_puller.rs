@@ -26,14 +26,7 @@ async fn recording_synced(chunks: u64) -> (Arc<Synced>, Arc<Mutex<Vec<u64>>>, Ve
 
 async fn pull_order(priority: Priority) -> Vec<u64> {
     let (synced, order, _) = recording_synced(8).await;
-    let puller = Puller::start(
-        synced,
-        PullerOptions {
-            workers: 1,
-            priority,
-        },
-    )
-    .unwrap();
+    let puller = Puller::start(synced, PullerOptions { workers: 1, priority }).unwrap();
     puller.wait().await.unwrap();
     let order = order.lock().clone();
     order
@@ -50,10 +43,7 @@ async fn one_worker_pulls_in_priority_order() {
         vec![7, 6, 5, 4, 3, 2, 1, 0]
     );
     let layout = ChunkLayout::new(8 * CHUNK, CHUNK).unwrap();
-    let first = Priority::ranges_first(
-        layout,
-        vec![5 * CHUNK + 10..5 * CHUNK + 20, 2 * CHUNK..4 * CHUNK],
-    );
+    let first = Priority::ranges_first(layout, vec![5 * CHUNK + 10..5 * CHUNK + 20, 2 * CHUNK..4 * CHUNK]);
     assert_eq!(pull_order(first).await, vec![5, 2, 3, 0, 1, 4, 6, 7]);
     assert_eq!(
         pull_order(Priority::custom(|c| (c % 2) as i64)).await,

@@ -19,8 +19,7 @@ async fn managed_stack(
     remote.write_at(0, &content).await.unwrap();
     let local: SharedBackend = Arc::new(MemoryBackend::new(size));
     let synced = Arc::new(Synced::new(local, remote.clone(), CHUNK).unwrap());
-    let pusher =
-        Arc::new(Pusher::start(synced, remote.clone(), CHUNK, PusherOptions::default()).unwrap());
+    let pusher = Arc::new(Pusher::start(synced, remote.clone(), CHUNK, PusherOptions::default()).unwrap());
     let stack = Arbitrary::new(pusher.clone(), CHUNK).unwrap();
     (stack, pusher, remote, content)
 }
@@ -50,13 +49,10 @@ fn concurrent_access_through_the_managed_stack_matches_model() {
         let remote: SharedBackend = Arc::new(MemoryBackend::new(size));
         let local: SharedBackend = Arc::new(MemoryBackend::new(size));
         let synced = Arc::new(Synced::new(local, remote.clone(), CHUNK).unwrap());
-        let pusher = Arc::new(
-            Pusher::start(synced, remote.clone(), CHUNK, PusherOptions::default()).unwrap(),
-        );
+        let pusher =
+            Arc::new(Pusher::start(synced, remote.clone(), CHUNK, PusherOptions::default()).unwrap());
         let stack = Arc::new(Arbitrary::new(pusher.clone(), CHUNK).unwrap());
-        testing::check_concurrent(stack.clone(), 1, 8, 300)
-            .await
-            .unwrap();
+        testing::check_concurrent(stack.clone(), 1, 8, 300).await.unwrap();
         pusher.sync().await.unwrap();
         let mut local_view = vec![0; size as usize];
         stack.read_at(0, &mut local_view).await.unwrap();
@@ -76,9 +72,5 @@ async fn pushed_bytes_count_whole_chunks_once() {
     stack.sync().await.unwrap();
     assert_eq!(pusher.pushed_bytes(), 4 * CHUNK);
     stack.sync().await.unwrap();
-    assert_eq!(
-        pusher.pushed_bytes(),
-        4 * CHUNK,
-        "a clean sync pushed again"
-    );
+    assert_eq!(pusher.pushed_bytes(), 4 * CHUNK, "a clean sync pushed again");
 }

@@ -40,11 +40,9 @@ impl Server {
             Box::pin(async move {
                 server.connects.fetch_add(1, Ordering::SeqCst);
                 if !server.up.load(Ordering::SeqCst) {
-                    return Err(std::io::Error::new(
-                        std::io::ErrorKind::ConnectionRefused,
-                        "server down",
-                    )
-                    .into());
+                    return Err(
+                        std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "server down").into(),
+                    );
                 }
                 let epoch = server.epoch.load(Ordering::SeqCst);
                 Ok(Arc::new(Connection { server, epoch }) as SharedBackend)
@@ -61,11 +59,7 @@ struct Connection {
 impl Connection {
     fn check(&self) -> Result<()> {
         if self.server.epoch.load(Ordering::SeqCst) != self.epoch {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::ConnectionAborted,
-                "connection lost",
-            )
-            .into());
+            return Err(std::io::Error::new(std::io::ErrorKind::ConnectionAborted, "connection lost").into());
         }
         Ok(())
     }
@@ -193,10 +187,7 @@ async fn refusals_are_not_retried_and_the_first_connection_must_succeed() {
         .await
         .unwrap();
     let result = remote.read_at(90, &mut [0; 20]).await;
-    assert!(
-        matches!(result, Err(Error::OutOfBounds { .. })),
-        "{result:?}"
-    );
+    assert!(matches!(result, Err(Error::OutOfBounds { .. })), "{result:?}");
     assert_eq!(server.connects.load(Ordering::SeqCst), 1);
     server.go_down();
     assert!(Reconnecting::connect(server.connector(), options(100))

@@ -40,11 +40,7 @@ pub struct DelayProxy {
 
 impl DelayProxy {
     /// Listens on `listen` and forwards every connection to `upstream` with the given delay.
-    pub async fn start(
-        listen: SocketAddr,
-        upstream: String,
-        config: DelayConfig,
-    ) -> io::Result<Self> {
+    pub async fn start(listen: SocketAddr, upstream: String, config: DelayConfig) -> io::Result<Self> {
         let listener = TcpListener::bind(listen).await?;
         let local_addr = listener.local_addr()?;
         let accept_task = tokio::spawn(async move {
@@ -83,11 +79,7 @@ impl Drop for DelayProxy {
     }
 }
 
-async fn proxy_connection(
-    client: TcpStream,
-    upstream: &str,
-    config: DelayConfig,
-) -> io::Result<()> {
+async fn proxy_connection(client: TcpStream, upstream: &str, config: DelayConfig) -> io::Result<()> {
     let server = TcpStream::connect(upstream).await.map_err(|err| {
         io::Error::new(
             err.kind(),
@@ -99,18 +91,8 @@ async fn proxy_connection(
     let (client_read, client_write) = client.into_split();
     let (server_read, server_write) = server.into_split();
     let one_way = config.rtt / 2;
-    let upward = tokio::spawn(delayed_copy(
-        client_read,
-        server_write,
-        one_way,
-        config.rate,
-    ));
-    let downward = tokio::spawn(delayed_copy(
-        server_read,
-        client_write,
-        one_way,
-        config.rate,
-    ));
+    let upward = tokio::spawn(delayed_copy(client_read, server_write, one_way, config.rate));
+    let downward = tokio::spawn(delayed_copy(server_read, client_write, one_way, config.rate));
     let (up, down) = (upward.await?, downward.await?);
     up.and(down)
 }

@@ -5,9 +5,11 @@
 use std::sync::Arc;
 
 use r3map_core::stages::{
-    Arbitrary, PullProgress, Puller, PullerOptions, Pusher, PusherOptions, Synced,
+    Arbitrary, PullProgress, PullTarget, Puller, PullerOptions, PushState, Pusher, PusherOptions, Synced,
 };
-use r3map_core::{Backend, Result, SharedBackend};
+use r3map_core::{AtomicBitmap, Backend, ChunkLayout, Result, SharedBackend};
+
+use crate::cache::{CacheHandle, PersistentCache};
 use tokio::sync::watch;
 
 /// Settings of a managed mount.
@@ -51,31 +53,66 @@ pub struct ManagedMount {
     pusher: Arc<Pusher>,
     puller: Puller,
     chunk_size: u64,
+    cache: Option<CacheHandle>,
 }
 
 impl ManagedMount {
     /// Starts a managed mount of `remote` cached in `cache` (same size). The background pull
     /// starts at once; the mount is usable immediately.
-    pub fn open(
+    pub fn open(remote: SharedBackend, cache: SharedBackend, options: ManagedOptions) -> Result<Self> {
+        let chunks = ChunkLayout::new(remote.size(), options.chunk_size)?.chunk_count();
+        Self::assemble(
+            remote,
+            cache,
+            AtomicBitmap::new(chunks),
+            PushState::new(chunks),
+            None,
+            options,
+        )
+    }
+
+    /// Starts a managed mount over a persistent cache: chunks it holds from an earlier run are
+    /// not fetched again, and writes it had not pushed yet are pushed.
+    pub fn open_cached(
         remote: SharedBackend,
-        cache: SharedBackend,
+        cache: PersistentCache,
         options: ManagedOptions,
     ) -> Result<Self> {
-        let synced = Arc::new(Synced::new(cache, remote.clone(), options.chunk_size)?);
-        let pusher = Arc::new(Pusher::start(
+        let (data, local, push, handle) = cache.into_parts();
+        Self::assemble(remote, data, local, push, Some(handle), options)
+    }
+
+    fn assemble(
+        remote: SharedBackend,
+        cache: SharedBackend,
+        local_chunks: AtomicBitmap,
+        push_state: PushState,
+        handle: Option<CacheHandle>,
+        options: ManagedOptions,
+    ) -> Result<Self> {
+        let chunk_size = options.chunk_size;
+        let synced = Arc::new(Synced::with_local_chunks(
+            cache,
+            remote.clone(),
+            chunk_size,
+            local_chunks,
+        )?);
+        let pusher = Arc::new(Pusher::start_with_state(
             synced.clone(),
             remote,
-            options.chunk_size,
+            chunk_size,
             options.pusher,
+            push_state,
         )?);
-        let stack = Arc::new(Arbitrary::new(pusher.clone(), options.chunk_size)?);
-        let puller = Puller::start(synced.clone(), options.puller)?;
+        let stack = Arc::new(Arbitrary::new(pusher.clone(), chunk_size)?);
+        let puller = Puller::start(synced.clone() as Arc<dyn PullTarget>, options.puller)?;
         Ok(Self {
             stack,
             synced,
             pusher,
             puller,
-            chunk_size: options.chunk_size,
+            chunk_size,
+            cache: handle,
         })
     }
 
@@ -115,7 +152,16 @@ impl ManagedMount {
     /// error (nothing is dropped silently).
     pub async fn close(self) -> Result<()> {
         self.puller.stop();
-        self.pusher.close().await
+        self.pusher.close().await?;
+        match &self.cache {
+            Some(cache) => cache.flush_state(),
+            None => Ok(()),
+        }
+    }
+
+    /// Number of chunks fetched from the remote by this mount (not counting cached ones).
+    pub fn fetched_chunks(&self) -> u64 {
+        self.synced.fetch_count()
     }
 }
 
@@ -140,8 +186,7 @@ mod tests {
             pusher,
             ..Default::default()
         };
-        let mount = ManagedMount::open(remote.clone(), Arc::new(MemoryBackend::new(size)), options)
-            .unwrap();
+        let mount = ManagedMount::open(remote.clone(), Arc::new(MemoryBackend::new(size)), options).unwrap();
         let backend = mount.backend();
         let mut model = content.clone();
         backend.write_at(12345, &[7; 70000]).await.unwrap();
@@ -153,5 +198,65 @@ mod tests {
         testing::check_content(&*backend, &model).await.unwrap();
         mount.close().await.unwrap();
         testing::check_content(&*remote, &model).await.unwrap();
+    }
+}
+
+#[cfg(test)]
+mod persistence_tests {
+    use super::*;
+    use r3map_core::testing::{self, pattern};
+    use r3map_core::MemoryBackend;
+
+    /// A mount process that dies without closing: its runtime (and every background task) is
+    /// dropped mid-flight, like a SIGKILL. The next mount on the same cache must not fetch again
+    /// and must push what the dead one had not.
+    #[test]
+    fn a_restarted_mount_reuses_its_cache_and_pushes_unpushed_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let size = 1 << 20;
+        let content = pattern(11, size);
+        let remote: SharedBackend = Arc::new(MemoryBackend::new(size as u64));
+        testing::block_on(remote.write_at(0, &content)).unwrap();
+        let options = || ManagedOptions {
+            chunk_size: 64 << 10,
+            pusher: PusherOptions {
+                interval: std::time::Duration::from_secs(3600),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let mut model = content.clone();
+        {
+            let runtime = tokio::runtime::Runtime::new().unwrap();
+            runtime.block_on(async {
+                let cache = PersistentCache::open(dir.path(), size as u64, 64 << 10, "test-remote").unwrap();
+                let mount = ManagedMount::open_cached(remote.clone(), cache, options()).unwrap();
+                mount.wait_pulled().await.unwrap();
+                assert_eq!(mount.fetched_chunks(), 16);
+                mount.backend().write_at(70_000, &[9; 5000]).await.unwrap();
+                drop(mount); // no close, no final push: what a killed process leaves behind
+            });
+            model[70_000..75_000].fill(9);
+        }
+        testing::block_on(async {
+            assert_eq!(
+                &testing::pattern(11, size)[70_000..75_000],
+                &content[70_000..75_000]
+            );
+            let mut remote_now = vec![0; size];
+            remote.read_at(0, &mut remote_now).await.unwrap();
+            assert_eq!(
+                remote_now, content,
+                "the write reached the remote before the crash?"
+            );
+            let cache = PersistentCache::open(dir.path(), size as u64, 64 << 10, "test-remote").unwrap();
+            let mount = ManagedMount::open_cached(remote.clone(), cache, options()).unwrap();
+            mount.wait_pulled().await.unwrap();
+            assert_eq!(mount.fetched_chunks(), 0, "the restarted mount downloaded again");
+            assert_eq!(mount.stats().dirty_bytes, 64 << 10);
+            testing::check_content(&*mount.backend(), &model).await.unwrap();
+            mount.close().await.unwrap();
+            testing::check_content(&*remote, &model).await.unwrap();
+        });
     }
 }

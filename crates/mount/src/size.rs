@@ -22,9 +22,9 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
             ))
         }
     };
-    let value: f64 = number.parse().map_err(|_| {
-        format!("{text:?} is not a size; write a number with an optional unit, e.g. 256MiB")
-    })?;
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size; write a number with an optional unit, e.g. 256MiB"))?;
     let bytes = value * (1u64 << shift) as f64;
     if !bytes.is_finite() || bytes < 0.0 || bytes > u64::MAX as f64 || bytes.fract() != 0.0 {
         return Err(format!("{text:?} is not a whole number of bytes"));
@@ -55,9 +55,9 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .unwrap_or(trimmed.len());
     let (number, unit) = trimmed.split_at(split);
-    let value: f64 = number.parse().map_err(|_| {
-        format!("{text:?} is not a duration; write a number with a unit, e.g. 25ms")
-    })?;
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration; write a number with a unit, e.g. 25ms"))?;
     let seconds = match unit.trim() {
         "us" | "µs" => value / 1e6,
         "ms" => value / 1e3,

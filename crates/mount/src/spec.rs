@@ -66,10 +66,7 @@ impl FromStr for BackendSpec {
                 chunk_size: params.size("chunk")?.unwrap_or(DEFAULT_DIRECTORY_CHUNK),
                 open_files: params
                     .take("open-files")
-                    .map(|v| {
-                        v.parse()
-                            .map_err(|_| format!("open-files={v:?} is not a number"))
-                    })
+                    .map(|v| v.parse().map_err(|_| format!("open-files={v:?} is not a number")))
                     .transpose()?,
             },
             other => {
@@ -88,9 +85,7 @@ impl BackendSpec {
     /// specification names no size.
     pub async fn open(&self, size_hint: Option<u64>) -> Result<SharedBackend> {
         let missing_size = |what: &str| {
-            Error::InvalidConfig(format!(
-                "{what} needs a size: add ?size=SIZE (e.g. ?size=1GiB)"
-            ))
+            Error::InvalidConfig(format!("{what} needs a size: add ?size=SIZE (e.g. ?size=1GiB)"))
         };
         let backend: SharedBackend = match self {
             BackendSpec::Memory { size } => Arc::new(MemoryBackend::new(
@@ -121,9 +116,7 @@ impl BackendSpec {
                 chunk_size,
                 open_files,
             } => {
-                let size = size
-                    .or(size_hint)
-                    .ok_or_else(|| missing_size("a directory"))?;
+                let size = size.or(size_hint).ok_or_else(|| missing_size("a directory"))?;
                 let mut options = DirectoryOptions::new();
                 if let Some(count) = open_files {
                     options = options.open_files(*count);
@@ -192,9 +185,7 @@ mod tests {
     fn parses_every_kind() {
         assert_eq!(
             "memory:1MiB".parse(),
-            Ok(BackendSpec::Memory {
-                size: Some(1 << 20)
-            })
+            Ok(BackendSpec::Memory { size: Some(1 << 20) })
         );
         assert_eq!("memory:".parse(), Ok(BackendSpec::Memory { size: None }));
         assert_eq!(
@@ -231,9 +222,7 @@ mod tests {
     async fn opens_files_and_refuses_to_resize_them() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("data");
-        let spec: BackendSpec = format!("file:{}?size=8KiB", path.display())
-            .parse()
-            .unwrap();
+        let spec: BackendSpec = format!("file:{}?size=8KiB", path.display()).parse().unwrap();
         let backend = spec.open(None).await.unwrap();
         backend.write_at(100, b"kept").await.unwrap();
         drop(backend);

@@ -24,18 +24,15 @@ pub(super) fn check_or_write(dir: &Path, layout: ChunkLayout) -> Result<()> {
             found.trim(),
             expected.trim()
         ))),
-        Err(err) if err.kind() == io::ErrorKind::NotFound => write(dir, &path, &expected)
-            .map_err(|err| setup_error(err, "cannot record the layout in", &path)),
+        Err(err) if err.kind() == io::ErrorKind::NotFound => {
+            write(dir, &path, &expected).map_err(|err| setup_error(err, "cannot record the layout in", &path))
+        }
         Err(err) => Err(setup_error(err, "cannot read", &path)),
     }
 }
 
 fn describe(layout: ChunkLayout) -> String {
-    format!(
-        "size={} chunk_size={}\n",
-        layout.size(),
-        layout.chunk_size()
-    )
+    format!("size={} chunk_size={}\n", layout.size(), layout.chunk_size())
 }
 
 fn write(dir: &Path, path: &Path, record: &str) -> io::Result<()> {

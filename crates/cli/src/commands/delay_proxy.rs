@@ -37,9 +37,9 @@ pub async fn run(args: Args) -> Result<()> {
     let proxy = DelayProxy::start(args.listen, args.upstream.clone(), config)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
-    let rate = args.rate.map_or("unlimited".to_string(), |r| {
-        format!("{}/s", format_bytes(r))
-    });
+    let rate = args
+        .rate
+        .map_or("unlimited".to_string(), |r| format!("{}/s", format_bytes(r)));
     eprintln!(
         "delaying {} -> {} by {:?} round trip, rate {rate}; Ctrl-C stops",
         proxy.local_addr(),

@@ -90,8 +90,8 @@ pub async fn run(args: Args) -> Result<()> {
     );
 
     let started = Instant::now();
-    let mount = ManagedMount::open(remote.clone(), cache, options)
-        .context("cannot open the managed mount")?;
+    let mount =
+        ManagedMount::open(remote.clone(), cache, options).context("cannot open the managed mount")?;
     let writes = tokio::spawn(write_workload(
         mount.backend(),
         args.write_percent.unwrap_or(default_writes),
@@ -99,18 +99,12 @@ pub async fn run(args: Args) -> Result<()> {
         args.seed,
     ));
     show_pull_progress(&mount).await;
-    mount
-        .wait_pulled()
-        .await
-        .context("the background pull failed")?;
+    mount.wait_pulled().await.context("the background pull failed")?;
     let pulled_in = started.elapsed();
     let (written_bytes, write_count) = writes.await.context("the write workload panicked")??;
 
     let sync_started = Instant::now();
-    mount
-        .sync()
-        .await
-        .context("pushing the writes back failed")?;
+    mount.sync().await.context("pushing the writes back failed")?;
     let synced_in = sync_started.elapsed();
     let stats = mount.stats();
     let checksum = verify_equal(&*mount.backend(), &*remote).await?;

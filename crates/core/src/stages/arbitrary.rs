@@ -62,9 +62,7 @@ impl<B: Backend> Arbitrary<B> {
         // Only the partial chunks need their old bytes.
         let first_len = self.layout.chunk_len(self.layout.chunk_of(start));
         if head > 0 {
-            self.inner
-                .read_at(start, &mut covering[..first_len])
-                .await?;
+            self.inner.read_at(start, &mut covering[..first_len]).await?;
         }
         if tail > 0 {
             let last = self.layout.chunk_range(self.layout.chunk_of(end - 1));

@@ -106,8 +106,7 @@ mod tests {
 
     #[test]
     fn concurrent_aligned_access_matches_model() {
-        let backend =
-            Arc::new(Chunked::new(MemoryBackend::new(64 * 100 + 5), 64, u64::MAX).unwrap());
+        let backend = Arc::new(Chunked::new(MemoryBackend::new(64 * 100 + 5), 64, u64::MAX).unwrap());
         testing::block_on(testing::check_concurrent(backend, 64, 8, 200)).unwrap();
     }
 

@@ -25,12 +25,7 @@ impl<B: Backend> Gate<B> {
         let closed = if open {
             None
         } else {
-            Some(
-                in_flight
-                    .clone()
-                    .try_write_owned()
-                    .expect("a new lock is free"),
-            )
+            Some(in_flight.clone().try_write_owned().expect("a new lock is free"))
         };
         Self {
             inner,
@@ -134,11 +129,9 @@ mod tests {
             })
         };
         // Bounded check that the write is held (it cannot finish while the gate is closed).
-        assert!(
-            tokio::time::timeout(Duration::from_millis(100), &mut done_rx)
-                .await
-                .is_err()
-        );
+        assert!(tokio::time::timeout(Duration::from_millis(100), &mut done_rx)
+            .await
+            .is_err());
         let mut byte = [0];
         gate.inner().read_at(0, &mut byte).await.unwrap();
         assert_eq!(byte, [0], "a write passed a closed gate");

@@ -17,7 +17,7 @@ pub use arbitrary::Arbitrary;
 pub use chunked::Chunked;
 pub use gate::Gate;
 pub use puller::{Priority, PullProgress, PullTarget, Puller, PullerOptions};
-pub use pusher::{Pusher, PusherOptions};
+pub use pusher::{PushState, Pusher, PusherOptions};
 pub use reconnect::{Connector, ReconnectOptions, Reconnecting};
 pub use synced::Synced;
 pub use tracker::Tracker;

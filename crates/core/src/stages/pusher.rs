@@ -5,6 +5,11 @@
 //! is marked dirty, and a push clears the dirty bit *before* reading the chunk. So a write that
 //! races a push is either read by that push or leaves the bit set for the next one. Only one
 //! flush runs at a time, so two pushes of one chunk can never reach the remote out of order.
+//!
+//! A chunk being pushed is marked in a second bitmap (`pushing`) before its dirty bit is
+//! cleared, and unmarked only once the remote has it. With both bitmaps in a persistent state
+//! file, a process killed mid-push still knows on restart which chunks to push
+//! (`dirty | pushing`).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -34,11 +39,39 @@ impl Default for PusherOptions {
     }
 }
 
+/// The pusher's chunk state: by default in memory; a persistent cache passes bitmaps stored in
+/// its state file.
+#[derive(Debug)]
+pub struct PushState {
+    /// Chunks written and not yet pushed.
+    pub dirty: AtomicBitmap,
+    /// Chunks whose push has started and not yet succeeded.
+    pub pushing: AtomicBitmap,
+}
+
+impl PushState {
+    /// Clean in-memory state for `chunks` chunks.
+    pub fn new(chunks: u64) -> Self {
+        Self {
+            dirty: AtomicBitmap::new(chunks),
+            pushing: AtomicBitmap::new(chunks),
+        }
+    }
+
+    /// After a restart: chunks whose push may not have finished are dirty again.
+    fn recover(&self) {
+        for chunk in self.pushing.take() {
+            self.dirty.set(chunk);
+        }
+    }
+}
+
 struct Shared {
     inner: SharedBackend,
     remote: SharedBackend,
     layout: ChunkLayout,
     dirty: AtomicBitmap,
+    pushing: AtomicBitmap,
     flush_lock: AsyncMutex<()>,
     workers: usize,
     pushed_bytes: AtomicU64,
@@ -61,6 +94,19 @@ impl Pusher {
         chunk_size: u64,
         options: PusherOptions,
     ) -> Result<Self> {
+        let chunks = ChunkLayout::new(remote.size(), chunk_size)?.chunk_count();
+        Self::start_with_state(inner, remote, chunk_size, options, PushState::new(chunks))
+    }
+
+    /// Like [`Pusher::start`], continuing from `state` (e.g. a persistent cache's bitmaps from
+    /// an earlier run: its dirty chunks are pushed in the first flush).
+    pub fn start_with_state(
+        inner: SharedBackend,
+        remote: SharedBackend,
+        chunk_size: u64,
+        options: PusherOptions,
+        state: PushState,
+    ) -> Result<Self> {
         if options.workers == 0 {
             return Err(Error::InvalidConfig(
                 "the pusher needs at least one worker".into(),
@@ -79,8 +125,16 @@ impl Pusher {
             )));
         }
         let layout = ChunkLayout::new(remote.size(), chunk_size)?;
+        if state.dirty.len() != layout.chunk_count() || state.pushing.len() != layout.chunk_count() {
+            return Err(Error::InvalidConfig(format!(
+                "the push state does not have {} chunks",
+                layout.chunk_count()
+            )));
+        }
+        state.recover();
         let shared = Arc::new(Shared {
-            dirty: AtomicBitmap::new(layout.chunk_count()),
+            dirty: state.dirty,
+            pushing: state.pushing,
             inner,
             remote,
             layout,
@@ -150,7 +204,11 @@ impl Shared {
 
     async fn flush(&self) -> Result<()> {
         let _one_flush_at_a_time = self.flush_lock.lock().await;
-        let chunks = self.dirty.take();
+        let chunks = self.dirty.ones();
+        for &chunk in &chunks {
+            self.pushing.set(chunk);
+            self.dirty.clear(chunk);
+        }
         let mut results = futures::stream::iter(chunks)
             .map(|chunk| async move { (chunk, self.push_chunk(chunk).await) })
             .buffer_unordered(self.workers);
@@ -161,6 +219,7 @@ impl Shared {
                 self.dirty.set(chunk);
                 first_error.get_or_insert(err);
             }
+            self.pushing.clear(chunk);
         }
         first_error.map_or(Ok(()), Err)
     }
@@ -170,8 +229,7 @@ impl Shared {
         let mut buf = vec![0u8; (range.end - range.start) as usize];
         self.inner.read_at(range.start, &mut buf).await?;
         self.remote.write_at(range.start, &buf).await?;
-        self.pushed_bytes
-            .fetch_add(buf.len() as u64, Ordering::Relaxed);
+        self.pushed_bytes.fetch_add(buf.len() as u64, Ordering::Relaxed);
         Ok(())
     }
 

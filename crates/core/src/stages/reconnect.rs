@@ -45,10 +45,7 @@ impl Default for ReconnectOptions {
 /// The current connection, numbered so a failure reported twice causes one reconnect.
 #[derive(Clone)]
 enum Link {
-    Up {
-        generation: u64,
-        backend: SharedBackend,
-    },
+    Up { generation: u64, backend: SharedBackend },
     Down,
 }
 
@@ -109,11 +106,7 @@ struct Attempt<'a> {
 impl Attempt<'_> {
     async fn connection(&mut self) -> Result<(u64, SharedBackend)> {
         loop {
-            if let Link::Up {
-                generation,
-                backend,
-            } = &*self.link.borrow_and_update()
-            {
+            if let Link::Up { generation, backend } = &*self.link.borrow_and_update() {
                 return Ok((*generation, backend.clone()));
             }
             if tokio::time::timeout_at(self.deadline, self.link.changed())
@@ -161,8 +154,7 @@ impl Shared {
         let mut started = false;
         shared.link.send_if_modified(|link| match link {
             Link::Up {
-                generation: current,
-                ..
+                generation: current, ..
             } if *current == generation => {
                 *link = Link::Down;
                 started = true;
@@ -181,10 +173,7 @@ impl Shared {
             match (self.connector)().await {
                 Ok(backend) => {
                     tracing::info!(generation, "reconnected to the remote");
-                    self.link.send_replace(Link::Up {
-                        generation,
-                        backend,
-                    });
+                    self.link.send_replace(Link::Up { generation, backend });
                     return;
                 }
                 Err(err) => {

@@ -40,6 +40,18 @@ impl std::fmt::Debug for Synced {
 impl Synced {
     /// A cache of `remote` in `local` (same size), all chunks initially remote.
     pub fn new(local: SharedBackend, remote: SharedBackend, chunk_size: u64) -> Result<Self> {
+        let chunks = ChunkLayout::new(remote.size(), chunk_size)?.chunk_count();
+        Self::with_local_chunks(local, remote, chunk_size, AtomicBitmap::new(chunks))
+    }
+
+    /// Like [`Synced::new`], with the set of chunks the cache already holds (e.g. a persistent
+    /// cache's bitmap from an earlier run).
+    pub fn with_local_chunks(
+        local: SharedBackend,
+        remote: SharedBackend,
+        chunk_size: u64,
+        local_chunks: AtomicBitmap,
+    ) -> Result<Self> {
         if local.size() != remote.size() {
             return Err(crate::Error::InvalidConfig(format!(
                 "local cache has {} bytes but the remote has {}",
@@ -48,8 +60,15 @@ impl Synced {
             )));
         }
         let layout = ChunkLayout::new(remote.size(), chunk_size)?;
+        if local_chunks.len() != layout.chunk_count() {
+            return Err(crate::Error::InvalidConfig(format!(
+                "the local-chunk bitmap has {} bits for {} chunks",
+                local_chunks.len(),
+                layout.chunk_count()
+            )));
+        }
         Ok(Self {
-            local_chunks: AtomicBitmap::new(layout.chunk_count()),
+            local_chunks,
             local,
             remote,
             layout,
@@ -172,17 +191,13 @@ impl Backend for Synced {
         }
         // Fetch missing chunks concurrently, straight into the caller's buffer.
         let cs = self.layout.chunk_size() as usize;
-        try_join_all(
-            buf.chunks_mut(cs)
-                .zip(chunks)
-                .map(|(piece, chunk)| async move {
-                    if self.local_chunks.get(chunk) {
-                        self.local.read_at(chunk * cs as u64, piece).await
-                    } else {
-                        self.fetch_into(chunk, piece).await
-                    }
-                }),
-        )
+        try_join_all(buf.chunks_mut(cs).zip(chunks).map(|(piece, chunk)| async move {
+            if self.local_chunks.get(chunk) {
+                self.local.read_at(chunk * cs as u64, piece).await
+            } else {
+                self.fetch_into(chunk, piece).await
+            }
+        }))
         .await?;
         Ok(())
     }
