@@ -109,7 +109,7 @@ fn piece_offsets(offset: u64) -> impl Iterator<Item = u64> {
 }
 
 fn is_aligned_memory(bytes: &[u8]) -> bool {
-    bytes.as_ptr().addr() % DIRECT_IO_ALIGNMENT as usize == 0
+    bytes.as_ptr().addr().is_multiple_of(DIRECT_IO_ALIGNMENT as usize)
 }
 
 /// Explains the one open error users hit: a filesystem that does not support O_DIRECT.

@@ -66,7 +66,7 @@ impl ChunkLayout {
     /// Whether the range starts on a chunk boundary and ends on one or at the end of the resource.
     pub fn is_aligned(&self, offset: u64, len: u64) -> bool {
         let end = offset + len;
-        offset % self.chunk_size == 0 && (end % self.chunk_size == 0 || end == self.size)
+        offset.is_multiple_of(self.chunk_size) && (end.is_multiple_of(self.chunk_size) || end == self.size)
     }
 
     /// Fails with `Unaligned` unless [`Self::is_aligned`].

@@ -65,7 +65,7 @@ impl MappedFile {
 
     /// The mapped bytes `byte_offset..byte_offset + 8 * count` as atomic words.
     pub fn words(&self, byte_offset: usize, count: usize) -> &[AtomicU64] {
-        assert!(byte_offset % 8 == 0, "word offset must be 8-aligned");
+        assert!(byte_offset.is_multiple_of(8), "word offset must be 8-aligned");
         assert!(
             byte_offset + count * 8 <= self.len,
             "words past the end of the mapping"
