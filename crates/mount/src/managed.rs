@@ -4,12 +4,14 @@
 
 use std::sync::Arc;
 
+use r3map_core::stages::synced::ChunkHook;
 use r3map_core::stages::{
     Arbitrary, PullProgress, PullTarget, Puller, PullerOptions, PushState, Pusher, PusherOptions, Synced,
 };
 use r3map_core::{AtomicBitmap, Backend, ChunkLayout, Result, SharedBackend};
 
 use crate::cache::{CacheHandle, PersistentCache};
+use futures::StreamExt;
 use tokio::sync::watch;
 
 /// Settings of a managed mount.
@@ -21,6 +23,35 @@ pub struct ManagedOptions {
     pub puller: PullerOptions,
     /// Background push.
     pub pusher: PusherOptions,
+    /// Pull everything before `open` returns (instead of in the background).
+    pub pull_first: bool,
+    /// Callbacks at points of the mount's life.
+    pub hooks: Hooks,
+}
+
+/// A callback run before the mount syncs or closes (e.g. a frontend flushing its own buffers);
+/// an error aborts the sync or close.
+pub type LifecycleHook = Arc<dyn Fn() -> Result<()> + Send + Sync>;
+
+/// Callbacks at points of a managed mount's life.
+#[derive(Clone, Default)]
+pub struct Hooks {
+    /// A chunk became local (fetched, or written whole).
+    pub chunk_local: Option<ChunkHook>,
+    /// Runs first in every `sync` (and so in `close`).
+    pub before_sync: Option<LifecycleHook>,
+    /// Runs first in `close`.
+    pub before_close: Option<LifecycleHook>,
+}
+
+impl std::fmt::Debug for Hooks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hooks")
+            .field("chunk_local", &self.chunk_local.is_some())
+            .field("before_sync", &self.before_sync.is_some())
+            .field("before_close", &self.before_close.is_some())
+            .finish()
+    }
 }
 
 impl Default for ManagedOptions {
@@ -29,6 +60,8 @@ impl Default for ManagedOptions {
             chunk_size: 1 << 20,
             puller: PullerOptions::default(),
             pusher: PusherOptions::default(),
+            pull_first: false,
+            hooks: Hooks::default(),
         }
     }
 }
@@ -54,12 +87,13 @@ pub struct ManagedMount {
     puller: Puller,
     chunk_size: u64,
     cache: Option<CacheHandle>,
+    hooks: Hooks,
 }
 
 impl ManagedMount {
     /// Starts a managed mount of `remote` cached in `cache` (same size). The background pull
     /// starts at once; the mount is usable immediately.
-    pub fn open(remote: SharedBackend, cache: SharedBackend, options: ManagedOptions) -> Result<Self> {
+    pub async fn open(remote: SharedBackend, cache: SharedBackend, options: ManagedOptions) -> Result<Self> {
         let chunks = ChunkLayout::new(remote.size(), options.chunk_size)?.chunk_count();
         Self::assemble(
             remote,
@@ -69,20 +103,21 @@ impl ManagedMount {
             None,
             options,
         )
+        .await
     }
 
     /// Starts a managed mount over a persistent cache: chunks it holds from an earlier run are
     /// not fetched again, and writes it had not pushed yet are pushed.
-    pub fn open_cached(
+    pub async fn open_cached(
         remote: SharedBackend,
         cache: PersistentCache,
         options: ManagedOptions,
     ) -> Result<Self> {
         let (data, local, push, handle) = cache.into_parts();
-        Self::assemble(remote, data, local, push, Some(handle), options)
+        Self::assemble(remote, data, local, push, Some(handle), options).await
     }
 
-    fn assemble(
+    async fn assemble(
         remote: SharedBackend,
         cache: SharedBackend,
         local_chunks: AtomicBitmap,
@@ -91,12 +126,11 @@ impl ManagedMount {
         options: ManagedOptions,
     ) -> Result<Self> {
         let chunk_size = options.chunk_size;
-        let synced = Arc::new(Synced::with_local_chunks(
-            cache,
-            remote.clone(),
-            chunk_size,
-            local_chunks,
-        )?);
+        let mut synced = Synced::with_local_chunks(cache, remote.clone(), chunk_size, local_chunks)?;
+        if let Some(hook) = options.hooks.chunk_local.clone() {
+            synced = synced.with_hook(hook);
+        }
+        let synced = Arc::new(synced);
         let pusher = Arc::new(Pusher::start_with_state(
             synced.clone(),
             remote,
@@ -106,14 +140,19 @@ impl ManagedMount {
         )?);
         let stack = Arc::new(Arbitrary::new(pusher.clone(), chunk_size)?);
         let puller = Puller::start(synced.clone() as Arc<dyn PullTarget>, options.puller)?;
-        Ok(Self {
+        let mount = Self {
             stack,
             synced,
             pusher,
             puller,
             chunk_size,
             cache: handle,
-        })
+            hooks: options.hooks,
+        };
+        if options.pull_first {
+            mount.wait_pulled().await?;
+        }
+        Ok(mount)
     }
 
     /// The mounted resource: any offset and length, reads and writes.
@@ -133,24 +172,46 @@ impl ManagedMount {
 
     /// Current byte counters.
     pub fn stats(&self) -> MountStats {
-        let total_bytes = self.stack.size();
-        let bytes = |chunks: u64| (chunks * self.chunk_size).min(total_bytes);
-        MountStats {
-            total_bytes,
-            local_bytes: bytes(self.synced.local_count()),
-            dirty_bytes: bytes(self.pusher.dirty_count()),
-            pushed_bytes: self.pusher.pushed_bytes(),
-        }
+        stats_of(&self.synced, &self.pusher, self.chunk_size, self.stack.size())
     }
 
     /// Pushes every local write to the remote and syncs both sides; returns the first error.
     pub async fn sync(&self) -> Result<()> {
+        if let Some(hook) = &self.hooks.before_sync {
+            hook()?;
+        }
         self.stack.sync().await
+    }
+
+    /// Byte counters every `period`, as a stream (ends when the mount is dropped).
+    pub fn progress(&self, period: std::time::Duration) -> futures::stream::BoxStream<'static, MountStats> {
+        let (synced, pusher, chunk_size) = (
+            Arc::downgrade(&self.synced),
+            Arc::downgrade(&self.pusher),
+            self.chunk_size,
+        );
+        let total = self.stack.size();
+        futures::stream::unfold(tokio::time::interval(period), move |mut ticks| {
+            let (synced, pusher) = (synced.clone(), pusher.clone());
+            async move {
+                ticks.tick().await;
+                let (synced, pusher) = (synced.upgrade()?, pusher.upgrade()?);
+                let stats = stats_of(&synced, &pusher, chunk_size, total);
+                Some((stats, ticks))
+            }
+        })
+        .boxed()
     }
 
     /// Stops the background pull, then pushes and syncs one last time; returns that sync's
     /// error (nothing is dropped silently).
     pub async fn close(self) -> Result<()> {
+        if let Some(hook) = &self.hooks.before_close {
+            hook()?;
+        }
+        if let Some(hook) = &self.hooks.before_sync {
+            hook()?;
+        }
         self.puller.stop();
         self.pusher.close().await?;
         match &self.cache {
@@ -162,6 +223,16 @@ impl ManagedMount {
     /// Number of chunks fetched from the remote by this mount (not counting cached ones).
     pub fn fetched_chunks(&self) -> u64 {
         self.synced.fetch_count()
+    }
+}
+
+fn stats_of(synced: &Synced, pusher: &Pusher, chunk_size: u64, total_bytes: u64) -> MountStats {
+    let bytes = |chunks: u64| (chunks * chunk_size).min(total_bytes);
+    MountStats {
+        total_bytes,
+        local_bytes: bytes(synced.local_count()),
+        dirty_bytes: bytes(pusher.dirty_count()),
+        pushed_bytes: pusher.pushed_bytes(),
     }
 }
 
@@ -186,7 +257,9 @@ mod tests {
             pusher,
             ..Default::default()
         };
-        let mount = ManagedMount::open(remote.clone(), Arc::new(MemoryBackend::new(size)), options).unwrap();
+        let mount = ManagedMount::open(remote.clone(), Arc::new(MemoryBackend::new(size)), options)
+            .await
+            .unwrap();
         let backend = mount.backend();
         let mut model = content.clone();
         backend.write_at(12345, &[7; 70000]).await.unwrap();
@@ -230,7 +303,9 @@ mod persistence_tests {
             let runtime = tokio::runtime::Runtime::new().unwrap();
             runtime.block_on(async {
                 let cache = PersistentCache::open(dir.path(), size as u64, 64 << 10, "test-remote").unwrap();
-                let mount = ManagedMount::open_cached(remote.clone(), cache, options()).unwrap();
+                let mount = ManagedMount::open_cached(remote.clone(), cache, options())
+                    .await
+                    .unwrap();
                 mount.wait_pulled().await.unwrap();
                 assert_eq!(mount.fetched_chunks(), 16);
                 mount.backend().write_at(70_000, &[9; 5000]).await.unwrap();
@@ -250,7 +325,9 @@ mod persistence_tests {
                 "the write reached the remote before the crash?"
             );
             let cache = PersistentCache::open(dir.path(), size as u64, 64 << 10, "test-remote").unwrap();
-            let mount = ManagedMount::open_cached(remote.clone(), cache, options()).unwrap();
+            let mount = ManagedMount::open_cached(remote.clone(), cache, options())
+                .await
+                .unwrap();
             mount.wait_pulled().await.unwrap();
             assert_eq!(mount.fetched_chunks(), 0, "the restarted mount downloaded again");
             assert_eq!(mount.stats().dirty_bytes, 64 << 10);
@@ -258,5 +335,78 @@ mod persistence_tests {
             mount.close().await.unwrap();
             testing::check_content(&*remote, &model).await.unwrap();
         });
+    }
+}
+
+#[cfg(test)]
+mod option_tests {
+    use super::*;
+    use r3map_core::{Error, MemoryBackend};
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn pull_first_hooks_and_progress() {
+        let size = 10 * 4096 + 5;
+        let remote: SharedBackend = Arc::new(MemoryBackend::new(size));
+        let (local_events, syncs, closes) = (
+            Arc::new(AtomicU64::new(0)),
+            Arc::new(AtomicU64::new(0)),
+            Arc::new(AtomicU64::new(0)),
+        );
+        let hooks = Hooks {
+            chunk_local: Some({
+                let n = local_events.clone();
+                Arc::new(move |_| {
+                    n.fetch_add(1, Ordering::SeqCst);
+                })
+            }),
+            before_sync: Some({
+                let n = syncs.clone();
+                Arc::new(move || {
+                    // The third sync is refused, like a frontend that cannot flush.
+                    if n.fetch_add(1, Ordering::SeqCst) == 2 {
+                        return Err(Error::Remote("frontend flush failed".into()));
+                    }
+                    Ok(())
+                })
+            }),
+            before_close: Some({
+                let n = closes.clone();
+                Arc::new(move || {
+                    n.fetch_add(1, Ordering::SeqCst);
+                    Ok(())
+                })
+            }),
+        };
+        let options = ManagedOptions {
+            chunk_size: 4096,
+            pull_first: true,
+            hooks,
+            ..Default::default()
+        };
+        let mount = ManagedMount::open(remote, Arc::new(MemoryBackend::new(size)), options)
+            .await
+            .unwrap();
+        assert_eq!(
+            mount.stats().local_bytes,
+            size,
+            "pull_first returned before everything was local"
+        );
+        assert_eq!(local_events.load(Ordering::SeqCst), 11);
+        let first = mount
+            .progress(std::time::Duration::from_millis(1))
+            .next()
+            .await
+            .unwrap();
+        assert_eq!(first, mount.stats());
+        mount.sync().await.unwrap();
+        mount.sync().await.unwrap();
+        let err = mount.sync().await.unwrap_err();
+        assert!(err.to_string().contains("frontend flush failed"));
+        mount.close().await.unwrap();
+        assert_eq!(
+            (syncs.load(Ordering::SeqCst), closes.load(Ordering::SeqCst)),
+            (4, 1)
+        );
     }
 }

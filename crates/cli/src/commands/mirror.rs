@@ -81,6 +81,7 @@ pub async fn run(args: Args) -> Result<()> {
             workers: args.push_workers,
             interval: Duration::from_millis(args.push_interval_ms),
         },
+        ..Default::default()
     };
     eprintln!(
         "mirroring {remote_name} ({}) into {} in {} chunks",
@@ -90,8 +91,9 @@ pub async fn run(args: Args) -> Result<()> {
     );
 
     let started = Instant::now();
-    let mount =
-        ManagedMount::open(remote.clone(), cache, options).context("cannot open the managed mount")?;
+    let mount = ManagedMount::open(remote.clone(), cache, options)
+        .await
+        .context("cannot open the managed mount")?;
     let writes = tokio::spawn(write_workload(
         mount.backend(),
         args.write_percent.unwrap_or(default_writes),
