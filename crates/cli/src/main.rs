@@ -4,6 +4,7 @@
 
 mod commands;
 mod progress;
+mod remote;
 
 use clap::{Parser, Subcommand};
 
@@ -25,6 +26,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     Mirror(commands::mirror::Args),
+    Serve(commands::serve::Args),
     DelayProxy(commands::delay_proxy::Args),
 }
 
@@ -46,6 +48,7 @@ fn main() -> std::process::ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Mirror(args) => commands::mirror::run(args).await,
+            Command::Serve(args) => commands::serve::run(args).await,
             Command::DelayProxy(args) => commands::delay_proxy::run(args).await,
         }
     });

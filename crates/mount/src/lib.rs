@@ -15,4 +15,4 @@ pub mod spec;
 pub use cache::PersistentCache;
 pub use managed::{ManagedMount, ManagedOptions, MountStats};
 pub use size::{format_bytes, parse_duration, parse_size};
-pub use spec::BackendSpec;
+pub use spec::{BackendSpec, RemoteOptions};

@@ -4,13 +4,17 @@
 //! - `file:PATH[?size=SIZE][&direct=true]` — a regular file or block device; created with SIZE
 //!   if missing; an existing file of another size is refused, never resized
 //! - `dir:PATH?size=SIZE[&chunk=SIZE][&open-files=N]` — a directory with one file per chunk
+//! - `nbd://HOST[:PORT]/EXPORT`, `nbd+unix:///EXPORT?socket=PATH` (and `nbds…` for TLS) — an NBD
+//!   server, reconnected with backoff when the connection drops
 
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::Arc;
 
 use r3map_backends::{DirectoryBackend, DirectoryOptions, FileBackend, FileOptions};
+use r3map_core::stages::{Connector, ReconnectOptions, Reconnecting};
 use r3map_core::{Backend, Error, MemoryBackend, Result, SharedBackend};
+use r3map_nbd::{Client, ClientOptions, ClientTls};
 
 use crate::size::{format_bytes, parse_size};
 
@@ -35,12 +39,33 @@ pub enum BackendSpec {
         chunk_size: u64,
         open_files: Option<usize>,
     },
+    /// An NBD server.
+    Nbd { uri: String },
+}
+
+/// How to reach remote backends.
+#[derive(Debug, Clone, Default)]
+pub struct RemoteOptions {
+    /// TLS settings for `nbds://` URIs.
+    pub tls: Option<ClientTls>,
+    /// Reconnection and the time one request may wait for the remote.
+    pub reconnect: ReconnectOptions,
 }
 
 impl FromStr for BackendSpec {
     type Err = String;
 
     fn from_str(text: &str) -> std::result::Result<Self, String> {
+        if text.starts_with("nbd://")
+            || text.starts_with("nbds://")
+            || text.starts_with("nbd+unix://")
+            || text.starts_with("nbds+unix://")
+        {
+            r3map_nbd::NbdUri::parse(text).map_err(|err| err.to_string())?;
+            return Ok(BackendSpec::Nbd {
+                uri: text.to_string(),
+            });
+        }
         let (kind, rest) = text.split_once(':').ok_or_else(|| {
             format!("{text:?} has no kind; write memory:SIZE, file:PATH or dir:PATH?size=SIZE")
         })?;
@@ -84,6 +109,11 @@ impl BackendSpec {
     /// Opens the backend. `size_hint` (the size of the other side of a mount) is used where the
     /// specification names no size.
     pub async fn open(&self, size_hint: Option<u64>) -> Result<SharedBackend> {
+        self.open_with(size_hint, &RemoteOptions::default()).await
+    }
+
+    /// Like [`BackendSpec::open`], with settings for remote backends.
+    pub async fn open_with(&self, size_hint: Option<u64>, remote: &RemoteOptions) -> Result<SharedBackend> {
         let missing_size = |what: &str| {
             Error::InvalidConfig(format!("{what} needs a size: add ?size=SIZE (e.g. ?size=1GiB)"))
         };
@@ -123,9 +153,44 @@ impl BackendSpec {
                 }
                 Arc::new(DirectoryBackend::open(path, size, *chunk_size, options)?)
             }
+            BackendSpec::Nbd { uri } => {
+                let options = ClientOptions {
+                    tls: remote.tls.clone(),
+                    ..ClientOptions::default()
+                };
+                let uri = uri.clone();
+                let connector: Connector = Arc::new(move || {
+                    let (uri, options) = (uri.clone(), options.clone());
+                    Box::pin(async move {
+                        let client = Client::connect(&uri, options).await.map_err(client_error)?;
+                        Ok(Arc::new(client) as SharedBackend)
+                    })
+                });
+                let remote = Reconnecting::connect(connector, remote.reconnect.clone()).await?;
+                if let Some(wanted) = size_hint.filter(|&w| w != remote.size()) {
+                    return Err(Error::InvalidConfig(format!(
+                        "the NBD export has {} but {} are needed",
+                        format_bytes(remote.size()),
+                        format_bytes(wanted)
+                    )));
+                }
+                Arc::new(remote)
+            }
         };
         Ok(backend)
     }
+}
+
+/// A failed connection attempt: refused or unreachable servers count as connection loss (so
+/// reconnecting retries them); anything else (wrong export, TLS refused) is final.
+fn client_error(err: r3map_nbd::ClientError) -> Error {
+    use r3map_nbd::ClientError;
+    let kind = match &err {
+        ClientError::Connect { source, .. } | ClientError::Io(source) => source.kind(),
+        ClientError::Timeout(_) => std::io::ErrorKind::TimedOut,
+        _ => return Error::Remote(err.to_string()),
+    };
+    Error::from(std::io::Error::new(kind, err.to_string()))
 }
 
 fn path(target: &str, text: &str) -> std::result::Result<PathBuf, String> {

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use r3map_core::stages::{PullerOptions, PusherOptions};
 use r3map_core::{Backend, MemoryBackend, SharedBackend};
-use r3map_mount::{format_bytes, parse_size, BackendSpec, ManagedMount, ManagedOptions};
+use r3map_mount::{format_bytes, parse_size, ManagedMount, ManagedOptions};
 use rand::{Rng, SeedableRng};
 
 use crate::progress::{byte_bar, throughput};
@@ -48,11 +48,17 @@ pub struct Args {
     /// Seed for the demo data and the write workload
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    #[command(flatten)]
+    remote_options: crate::remote::RemoteArgs,
 }
 
 pub async fn run(args: Args) -> Result<()> {
     let (remote, remote_name, default_writes) = match &args.remote {
-        Some(spec) => (open_spec(spec, None).await?, spec.clone(), 0),
+        Some(spec) => (
+            crate::remote::open(spec, None, &args.remote_options.options()?).await?,
+            spec.clone(),
+            0,
+        ),
         None => (
             embedded_remote(args.size, args.seed).await?,
             format!("embedded memory:{}", format_bytes(args.size)),
@@ -61,7 +67,7 @@ pub async fn run(args: Args) -> Result<()> {
     };
     let size = remote.size();
     let cache = match &args.cache {
-        Some(spec) => open_spec(spec, Some(size)).await?,
+        Some(spec) => crate::remote::open(spec, Some(size), &Default::default()).await?,
         None => Arc::new(MemoryBackend::new(size)),
     };
     if cache.size() != size {
@@ -130,15 +136,6 @@ pub async fn run(args: Args) -> Result<()> {
     );
     println!("verified remote and local view are identical (crc32 {checksum:08x})");
     Ok(())
-}
-
-async fn open_spec(text: &str, size_hint: Option<u64>) -> Result<SharedBackend> {
-    let spec: BackendSpec = text
-        .parse()
-        .map_err(|err| anyhow::anyhow!("invalid backend specification {text:?}: {err}"))?;
-    spec.open(size_hint)
-        .await
-        .with_context(|| format!("cannot open {text}"))
 }
 
 /// A memory remote filled with reproducible demo data.

@@ -2,3 +2,4 @@
 
 pub mod delay_proxy;
 pub mod mirror;
+pub mod serve;

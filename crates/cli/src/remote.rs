@@ -1,0 +1,54 @@
+//! Options shared by commands that reach a remote backend.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use r3map_core::stages::ReconnectOptions;
+use r3map_core::SharedBackend;
+use r3map_mount::{parse_duration, BackendSpec, RemoteOptions};
+use r3map_nbd::ClientTls;
+
+/// TLS and reconnection flags for `nbds://` and other remotes.
+#[derive(Debug, clap::Args)]
+pub struct RemoteArgs {
+    /// CA certificate (PEM) that signed the server's certificate (for nbds:// URIs)
+    #[arg(long)]
+    tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for servers that require mutual TLS
+    #[arg(long, requires_all = ["tls_ca", "tls_key"])]
+    tls_cert: Option<PathBuf>,
+    /// Client private key (PEM)
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// How long a request may wait for an unreachable remote before failing (EIO)
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    remote_timeout: Duration,
+}
+
+impl RemoteArgs {
+    pub fn options(&self) -> Result<RemoteOptions> {
+        let tls = match &self.tls_ca {
+            Some(ca) => {
+                let identity = self.tls_cert.as_deref().zip(self.tls_key.as_deref());
+                Some(ClientTls::from_pem_files(ca, identity).context("cannot load the TLS files")?)
+            }
+            None => None,
+        };
+        let reconnect = ReconnectOptions {
+            request_timeout: self.remote_timeout,
+            ..ReconnectOptions::default()
+        };
+        Ok(RemoteOptions { tls, reconnect })
+    }
+}
+
+/// Parses and opens a backend specification with user-facing error messages.
+pub async fn open(text: &str, size_hint: Option<u64>, options: &RemoteOptions) -> Result<SharedBackend> {
+    let spec: BackendSpec = text
+        .parse()
+        .map_err(|err| anyhow::anyhow!("invalid backend specification {text:?}: {err}"))?;
+    spec.open_with(size_hint, options)
+        .await
+        .with_context(|| format!("cannot open {text}"))
+}

@@ -1,0 +1,200 @@
+//! nbdcopy throughput of our server against nbdkit serving the same kind of backend.
+//!
+//! ```text
+//! cargo run --release -p r3map-nbd --example bench_nbdcopy -- [SIZE_MIB] [RUNS]
+//! ```
+//!
+//! For each backend (memory, file) and transport (TCP loopback, UNIX socket) it starts our
+//! server (in this process) and `nbdkit` (`memory` / `file` plugin), then times
+//! `nbdcopy SOURCE URI` (write) and `nbdcopy URI null:` (read) of SIZE MiB of random data,
+//! keeping the best of RUNS, and prints a markdown table with the ratio ours/nbdkit (higher is
+//! better for us). Needs `nbdkit` and `nbdcopy` (Debian: nbdkit, libnbd-bin).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use r3map_backends::{FileBackend, FileOptions};
+use r3map_core::{MemoryBackend, SharedBackend};
+use r3map_nbd::{Export, Server, ServerConfig};
+
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Memory,
+    File,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Net {
+    Tcp,
+    Unix,
+}
+
+struct Killed(Child);
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn nbdcopy(args: &[&str]) -> Duration {
+    let start = Instant::now();
+    let status = Command::new("nbdcopy").args(args).status().expect("nbdcopy runs");
+    assert!(status.success(), "nbdcopy {args:?} failed");
+    start.elapsed()
+}
+
+/// Best (write, read) times over `runs`.
+fn measure(uri: &str, source: &Path, runs: usize) -> (Duration, Duration) {
+    let source = source.to_str().unwrap();
+    let mut best = (Duration::MAX, Duration::MAX);
+    for _ in 0..runs {
+        best.0 = best.0.min(nbdcopy(&[source, uri]));
+        best.1 = best.1.min(nbdcopy(&[uri, "null:"]));
+    }
+    best
+}
+
+fn wait_for_port(port: u16) {
+    for _ in 0..500 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!("nbdkit did not listen on {port}");
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn start_nbdkit(kind: Kind, net: Net, size: u64, dir: &Path) -> (Killed, String) {
+    let mut cmd = Command::new("nbdkit");
+    cmd.arg("-f").stdout(Stdio::null());
+    let socket = dir.join("kit.sock");
+    let _ = std::fs::remove_file(&socket);
+    let port = free_port();
+    let uri = match net {
+        Net::Tcp => {
+            cmd.args(["-i", "127.0.0.1", "-p", &port.to_string()]);
+            format!("nbd://127.0.0.1:{port}/")
+        }
+        Net::Unix => {
+            cmd.arg("-U").arg(&socket);
+            format!("nbd+unix:///?socket={}", socket.display())
+        }
+    };
+    match kind {
+        Kind::Memory => {
+            cmd.args(["memory", &size.to_string()]);
+        }
+        Kind::File => {
+            let file = dir.join("kit.img");
+            std::fs::File::create(&file).unwrap().set_len(size).unwrap();
+            cmd.arg("file").arg(&file);
+        }
+    }
+    let child = Killed(cmd.spawn().expect("nbdkit runs"));
+    match net {
+        Net::Tcp => wait_for_port(port),
+        Net::Unix => {
+            while !socket.exists() {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+    (child, uri)
+}
+
+fn our_backend(kind: Kind, size: u64, dir: &Path) -> SharedBackend {
+    match kind {
+        Kind::Memory => Arc::new(MemoryBackend::new(size)),
+        Kind::File => {
+            let file = dir.join("ours.img");
+            let _ = std::fs::remove_file(&file);
+            Arc::new(FileBackend::create(&file, size, FileOptions::new()).unwrap())
+        }
+    }
+}
+
+fn mib_s(size: u64, time: Duration) -> f64 {
+    size as f64 / (1 << 20) as f64 / time.as_secs_f64()
+}
+
+fn main() {
+    let mut args = std::env::args().skip(1);
+    let size_mib: u64 = args.next().map_or(1024, |s| s.parse().expect("SIZE_MIB"));
+    let runs: usize = args.next().map_or(2, |s| s.parse().expect("RUNS"));
+    let size = size_mib << 20;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let source: PathBuf = dir.path().join("source.raw");
+    {
+        use std::io::Write;
+        let mut out = std::io::BufWriter::new(std::fs::File::create(&source).unwrap());
+        let mut state = 0x9E37_79B9_7F4A_7C15u64;
+        let mut block = vec![0u8; 1 << 20];
+        for _ in 0..size_mib {
+            for word in block.chunks_exact_mut(8) {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                word.copy_from_slice(&state.to_le_bytes());
+            }
+            out.write_all(&block).unwrap();
+        }
+    }
+    println!("| backend | transport | direction | r3map MiB/s | nbdkit MiB/s | ratio |");
+    println!("|---|---|---|---:|---:|---:|");
+    for kind in [Kind::Memory, Kind::File] {
+        for net in [Net::Tcp, Net::Unix] {
+            // Ours.
+            let backend = our_backend(kind, size, dir.path());
+            let socket = dir.path().join("ours.sock");
+            let _ = std::fs::remove_file(&socket);
+            let config = ServerConfig::new(vec![Export::new("", backend)]);
+            let server = runtime
+                .block_on(async {
+                    match net {
+                        Net::Tcp => Server::bind_tcp(config, "127.0.0.1:0").await,
+                        Net::Unix => Server::bind_unix(config, &socket).await,
+                    }
+                })
+                .unwrap();
+            let uri = server.uri("");
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let task = runtime.spawn(server.serve(async move {
+                let _ = stopped.await;
+            }));
+            let ours = measure(&uri, &source, runs);
+            let _ = stop.send(());
+            runtime.block_on(task).unwrap().unwrap();
+            // nbdkit.
+            let (kit, uri) = start_nbdkit(kind, net, size, dir.path());
+            let theirs = measure(&uri, &source, runs);
+            drop(kit);
+            let kind_name = if kind == Kind::Memory { "memory" } else { "file" };
+            let net_name = if net == Net::Tcp { "TCP" } else { "UNIX" };
+            for (direction, ours, theirs) in [("write", ours.0, theirs.0), ("read", ours.1, theirs.1)] {
+                println!(
+                    "| {kind_name} | {net_name} | {direction} | {:.0} | {:.0} | {:.2} |",
+                    mib_s(size, ours),
+                    mib_s(size, theirs),
+                    theirs.as_secs_f64() / ours.as_secs_f64()
+                );
+            }
+            let _ = std::fs::remove_file(dir.path().join("ours.img"));
+            let _ = std::fs::remove_file(dir.path().join("kit.img"));
+        }
+    }
+}

@@ -1,0 +1,31 @@
+//! The sans-IO decoders and option parsers on arbitrary bytes, whole and split in two.
+#![no_main]
+
+use bytes::BytesMut;
+use libfuzzer_sys::fuzz_target;
+use r3map_nbd::codec;
+
+fuzz_target!(|data: &[u8]| {
+    let _ = codec::parse_export_request(data);
+    let _ = codec::parse_meta_context_request(data);
+    let _ = codec::parse_info(data);
+    let _ = codec::parse_server_reply(data);
+    let _ = codec::parse_error_chunk(data);
+    let split = data.first().map_or(0, |&b| b as usize).min(data.len());
+    let mut decoder = codec::RequestDecoder::new(512);
+    let mut buf = BytesMut::from(&data[..split]);
+    while let Ok(Some(request)) = decoder.decode(&mut buf) {
+        if let codec::Payload::Data(payload) = &request.payload {
+            assert!(payload.len() <= 512);
+        }
+    }
+    buf.extend_from_slice(&data[split..]);
+    while let Ok(Some(_)) = decoder.decode(&mut buf) {}
+    let mut options = codec::OptionDecoder::new(512);
+    let mut buf = BytesMut::from(data);
+    while let Ok(Some(_)) = options.decode(&mut buf) {}
+    let mut buf = BytesMut::from(data);
+    while let Ok(Some(_)) = codec::decode_reply_header(&mut buf) {}
+    let mut buf = BytesMut::from(data);
+    while let Ok(Some(_)) = codec::decode_option_reply(&mut buf, 512) {}
+});
