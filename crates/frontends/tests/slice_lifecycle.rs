@@ -1,0 +1,163 @@
+//! Slice frontend: faults that cannot be served (SIGBUS, errors reported) and teardown.
+
+mod common;
+
+use std::os::unix::process::ExitStatusExt;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{pattern_byte, shared, GateBackend, PatternBackend, PAGE};
+use r3map_core::testing::{block_on, FaultyBackend};
+use r3map_core::Error;
+use r3map_frontends::slice::{Region, RegionOptions};
+use r3map_frontends::uffd::read_process_memory;
+
+const CHILD_ENV: &str = "R3MAP_SLICE_CHILD";
+
+/// Re-runs this test binary's test `name` in a child with `CHILD_ENV=name` and returns the
+/// signal that ended it, if any.
+fn run_child(name: &str) -> Option<i32> {
+    let status = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", name, "--test-threads=1", "--nocapture"])
+        .env(CHILD_ENV, name)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    status.signal()
+}
+
+fn in_child(name: &str) -> bool {
+    std::env::var(CHILD_ENV).is_ok_and(|v| v == name)
+}
+
+fn options(chunk: u64, timeout: Option<Duration>) -> RegionOptions {
+    RegionOptions {
+        chunk_size: chunk,
+        fetch_timeout: timeout,
+        ..RegionOptions::default()
+    }
+}
+
+#[test]
+fn backend_error_delivers_sigbus_to_the_faulting_thread() {
+    let name = "backend_error_delivers_sigbus_to_the_faulting_thread";
+    if in_child(name) {
+        let faulty = FaultyBackend::new(Arc::new(PatternBackend::new(16 * PAGE)));
+        faulty.fail_reads.store(true, Ordering::SeqCst);
+        let region = Region::new(Arc::new(faulty), options(4 * PAGE, None)).unwrap();
+        std::hint::black_box(region.as_slice()[PAGE as usize]);
+        panic!("the faulting read returned instead of raising SIGBUS");
+    }
+    assert_eq!(run_child(name), Some(libc::SIGBUS));
+}
+
+#[test]
+fn backend_timeout_delivers_sigbus() {
+    let name = "backend_timeout_delivers_sigbus";
+    if in_child(name) {
+        // Reads never complete: the remote is gone.
+        let gate = GateBackend::new(16 * PAGE);
+        let region = Region::new(
+            Arc::new(gate),
+            options(4 * PAGE, Some(Duration::from_millis(100))),
+        )
+        .unwrap();
+        std::hint::black_box(region.as_slice()[0]);
+        panic!("the faulting read returned instead of raising SIGBUS");
+    }
+    assert_eq!(run_child(name), Some(libc::SIGBUS));
+}
+
+#[test]
+fn unserved_faults_are_reported_and_poison_only_their_chunk() {
+    let chunk = 4 * PAGE;
+    let (faulty, backend) = shared(FaultyBackend::new(Arc::new(PatternBackend::new(8 * chunk))));
+    let region = Region::new(backend, options(chunk, None)).unwrap();
+    assert!(region.poison_supported());
+    let mut errors = region.error_count();
+    faulty.fail_reads.store(true, Ordering::SeqCst);
+    // A kernel-side access (process_vm_readv) gets EFAULT where a thread would get SIGBUS.
+    let mut buf = vec![0u8; 16];
+    let err = read_process_memory(None, region.addr() + chunk + 8, &mut buf).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EFAULT));
+    block_on(errors.wait_for(|n| *n == 1)).unwrap();
+    let reported = region.errors();
+    assert_eq!(reported.len(), 1);
+    assert_eq!(reported[0].chunk, 1);
+    assert!(matches!(reported[0].error, Error::Io(_)));
+    assert_eq!(region.stats().poisoned, 1);
+    // A failed background install is an error for the puller, not a poisoned chunk.
+    assert!(block_on(region.install(2)).is_err());
+    assert!(!region.is_installed(2));
+    faulty.fail_reads.store(false, Ordering::SeqCst);
+    block_on(region.install(2)).unwrap();
+    assert_eq!(region.stats().poisoned, 1);
+    // The poisoned chunk stays failed; others serve normally.
+    assert!(block_on(region.install(1)).is_err());
+    assert_eq!(region.as_slice()[3 * chunk as usize], pattern_byte(3 * chunk));
+    assert_eq!(region.as_slice()[2 * chunk as usize], pattern_byte(2 * chunk));
+}
+
+/// Teardown while fetches hang in the backend, threads wait on faults and the puller runs:
+/// dropping the region returns, blocked accesses end, and the puller reports the closure.
+#[test]
+fn teardown_under_load_never_hangs() {
+    let chunk = 4 * PAGE;
+    let count = 256u64;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (gate, backend) = shared(GateBackend::new(count * chunk));
+    let region = Region::new(
+        backend,
+        RegionOptions {
+            runtime: Some(runtime.handle().clone()),
+            ..options(chunk, None)
+        },
+    )
+    .unwrap();
+    let puller = region
+        .start_puller(r3map_core::stages::PullerOptions {
+            workers: 8,
+            priority: r3map_core::stages::Priority::sequential(),
+        })
+        .unwrap();
+    let addr = region.addr();
+    let readers: Vec<_> = (0..4u64)
+        .map(|t| {
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 8];
+                // Chunks the puller has not reached: each blocks on a hanging fetch.
+                read_process_memory(None, addr + (200 + t) * chunk, &mut buf)
+            })
+        })
+        .collect();
+    // Wait until the puller's 8 and the 4 readers' fetches are all hanging in the backend.
+    let mut started = gate.started.subscribe();
+    runtime.block_on(started.wait_for(|n| *n >= 12)).unwrap();
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let dropper = std::thread::spawn(move || {
+        drop(region);
+        done_tx.send(()).unwrap();
+    });
+    done_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("dropping the region hung");
+    dropper.join().unwrap();
+    for reader in readers {
+        // Woken by the teardown: either zeros from the unregistered range or EFAULT after the
+        // unmap, but never a hang.
+        let _ = reader.join().unwrap();
+    }
+    gate.open();
+    let result =
+        runtime.block_on(async { tokio::time::timeout(Duration::from_secs(10), puller.wait()).await });
+    assert!(
+        matches!(result, Ok(Err(_))),
+        "puller reports the closed region: {result:?}"
+    );
+}
