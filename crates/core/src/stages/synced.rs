@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use futures::future::try_join_all;
+use tokio::sync::Notify;
 
 use crate::stages::puller::PullTarget;
 use crate::{check_range, AtomicBitmap, Backend, ChunkLayout, ChunkLocks, Result, SharedBackend};
@@ -22,8 +23,14 @@ pub struct Synced {
     layout: ChunkLayout,
     /// Bit set = the local copy of the chunk is authoritative.
     local_chunks: AtomicBitmap,
-    /// Serialises fetches and writes of one chunk, so a fetch never overwrites a newer write.
+    /// Serialises installing a fetched chunk with writes of that chunk, so a fetch never
+    /// overwrites a newer write. Not held during the remote read: writes never wait for the
+    /// network.
     locks: ChunkLocks,
+    /// Bit set = a fetch of the chunk is in flight; other readers wait for it (one fetch each).
+    fetching: AtomicBitmap,
+    /// Signalled whenever a fetch ends.
+    fetch_done: Notify,
     fetches: AtomicU64,
     on_local: Option<ChunkHook>,
 }
@@ -73,6 +80,8 @@ impl Synced {
             remote,
             layout,
             locks: ChunkLocks::new(),
+            fetching: AtomicBitmap::new(layout.chunk_count()),
+            fetch_done: Notify::new(),
             fetches: AtomicU64::new(0),
             on_local: None,
         })
@@ -139,13 +148,31 @@ impl Synced {
     /// Makes `chunk` local and leaves its content in `buf` (one copy fewer than fetch + read).
     async fn fetch_into(&self, chunk: u64, buf: &mut [u8]) -> Result<()> {
         let start = self.layout.chunk_range(chunk).start;
-        let _guard = self.locks.lock(chunk).await;
-        if self.local_chunks.get(chunk) {
-            // Somebody fetched (or wrote) it while we waited.
-            return self.local.read_at(start, buf).await;
+        loop {
+            if self.local_chunks.get(chunk) {
+                return self.local.read_at(start, buf).await;
+            }
+            // Registered before looking at `fetching`, so a fetch ending in between still wakes us.
+            let finished = self.fetch_done.notified();
+            tokio::pin!(finished);
+            finished.as_mut().enable();
+            if self.fetching.set(chunk) {
+                finished.await; // another task fetches it; then look again
+                continue;
+            }
+            let _in_flight = FetchInFlight { synced: self, chunk };
+            return self.fetch_as_leader(chunk, start, buf).await;
         }
+    }
+
+    async fn fetch_as_leader(&self, chunk: u64, start: u64, buf: &mut [u8]) -> Result<()> {
         self.fetches.fetch_add(1, Ordering::Relaxed);
         self.remote.read_at(start, buf).await?;
+        let _guard = self.locks.lock(chunk).await;
+        if self.local_chunks.get(chunk) {
+            // Written while we fetched: the local copy is newer than what we got.
+            return self.local.read_at(start, buf).await;
+        }
         self.local.write_at(start, buf).await?;
         self.local_chunks.set(chunk);
         if let Some(hook) = &self.on_local {
@@ -172,6 +199,20 @@ impl Synced {
                 }
             }
         }
+    }
+}
+
+/// Ends a fetch's single-flight slot however the fetch ends (success, error, cancellation), so
+/// readers waiting for it never hang.
+struct FetchInFlight<'a> {
+    synced: &'a Synced,
+    chunk: u64,
+}
+
+impl Drop for FetchInFlight<'_> {
+    fn drop(&mut self) {
+        self.synced.fetching.clear(self.chunk);
+        self.synced.fetch_done.notify_waiters();
     }
 }
 
@@ -323,6 +364,58 @@ mod tests {
                 assert_eq!(buf, new, "round {round}: the write was lost to a fetch");
             }
         });
+    }
+
+    /// A remote held shut by a closed gate, so a fetch can be kept in flight on purpose.
+    fn stalled_remote(size: u64) -> (Arc<crate::stages::Gate<MemoryBackend>>, Arc<Synced>) {
+        let remote = Arc::new(crate::stages::Gate::new(MemoryBackend::new(size), false));
+        let local: SharedBackend = Arc::new(MemoryBackend::new(size));
+        (
+            remote.clone(),
+            Arc::new(Synced::new(local, remote, 4096).unwrap()),
+        )
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn writes_never_wait_for_a_fetch_of_the_same_chunk() {
+        let (remote, synced) = stalled_remote(8192);
+        let fetch = tokio::spawn({
+            let synced = synced.clone();
+            async move { synced.fetch(0).await }
+        });
+        while synced.fetch_count() == 0 {
+            tokio::task::yield_now().await;
+        }
+        let write =
+            tokio::time::timeout(std::time::Duration::from_secs(5), synced.write_at(0, &[3; 4096])).await;
+        assert!(write.expect("the write waited for the stalled remote").is_ok());
+        remote.open();
+        fetch.await.unwrap().unwrap();
+        let mut buf = vec![0; 4096];
+        synced.read_at(0, &mut buf).await.unwrap();
+        assert_eq!(buf, vec![3; 4096], "the fetched (older) data replaced the write");
+        assert_eq!(synced.fetch_count(), 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_cancelled_fetch_does_not_block_later_readers() {
+        let (remote, synced) = stalled_remote(8192);
+        let reader = tokio::spawn({
+            let synced = synced.clone();
+            async move { synced.read_at(0, &mut [0; 4096]).await }
+        });
+        while synced.fetch_count() == 0 {
+            tokio::task::yield_now().await;
+        }
+        reader.abort();
+        let _ = reader.await;
+        remote.open();
+        let read = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            synced.read_at(0, &mut [0; 4096]),
+        )
+        .await;
+        assert!(read.expect("a reader hung on the cancelled fetch").is_ok());
     }
 
     #[test]
