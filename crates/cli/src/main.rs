@@ -25,6 +25,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    Mount(commands::mount::Args),
+    Umount(commands::umount::Args),
     Mirror(commands::mirror::Args),
     Serve(commands::serve::Args),
     DelayProxy(commands::delay_proxy::Args),
@@ -33,7 +35,8 @@ enum Command {
 fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("R3MAP_LOG").unwrap_or_else(|_| "warn".into()),
+            tracing_subscriber::EnvFilter::try_from_env("R3MAP_LOG")
+                .unwrap_or_else(|_| "warn,fuser=error".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -47,6 +50,8 @@ fn main() -> std::process::ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
+            Command::Mount(args) => commands::mount::run(args).await,
+            Command::Umount(args) => commands::umount::run(args).await,
             Command::Mirror(args) => commands::mirror::run(args).await,
             Command::Serve(args) => commands::serve::run(args).await,
             Command::DelayProxy(args) => commands::delay_proxy::run(args).await,

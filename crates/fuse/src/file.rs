@@ -2,7 +2,7 @@
 //!
 //! The mount is a directory holding exactly one file, `<mountpoint>/<name>`, of the backend's
 //! size. Applications open, read, write, `mmap(MAP_SHARED)` and `fallocate` it like any file;
-//! `fsync`, `msync` and `close` flush the backend.
+//! `fsync` and `msync` flush the backend (`close` does not: it is no durability point).
 //!
 //! # Request handling
 //!
@@ -142,7 +142,7 @@ impl OneFile {
         drop(self.runtime.spawn(task));
     }
 
-    /// Flushes the backend and replies (flush, fsync).
+    /// Flushes the backend and replies (fsync).
     fn sync(&self, reply: ReplyEmpty) {
         let backend = self.backend.clone();
         self.spawn(async move {
@@ -326,8 +326,10 @@ impl Filesystem for OneFile {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        // Every close(2) flushes: close is a durability point, as on NFS.
-        self.sync(reply);
+        // close(2) is not a durability point (fsync is): writes already reached the backend
+        // (no writeback cache), and a sync here would make every close wait for a remote —
+        // including the implicit closes at exec() in any process that inherited the file.
+        reply.ok();
     }
 
     fn fsync(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {

@@ -2,4 +2,6 @@
 
 pub mod delay_proxy;
 pub mod mirror;
+pub mod mount;
 pub mod serve;
+pub mod umount;

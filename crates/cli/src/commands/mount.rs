@@ -1,0 +1,336 @@
+//! `r3map mount`: a remote as a local file or block device, direct or managed.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use r3map_core::stages::{Arbitrary, Priority, PullerOptions, PusherOptions};
+use r3map_core::{Backend, MemoryBackend, SharedBackend};
+use r3map_fuse::{DiskMount, FileMount};
+use r3map_mount::{format_bytes, parse_duration, parse_size, ManagedMount, ManagedOptions, PersistentCache};
+use r3map_nbd::{Export, Server, ServerConfig};
+use rand::{Rng, SeedableRng};
+
+use crate::progress::{byte_bar, throughput};
+
+/// Mount a remote as a local file or block device
+///
+/// Direct (default): every read and write goes to the remote. Managed (--managed): reads are
+/// served from a local cache that background workers fill, writes land locally and are pushed
+/// to the remote every --push-interval and on exit. Runs until SIGINT/SIGTERM, then flushes,
+/// pushes and unmounts. If a frontend is busy (e.g. a filesystem is mounted on the loop device)
+/// it says so and keeps running; signal again after freeing it.
+///
+/// Without REMOTE it runs a demo: an embedded NBD server (loopback TCP) with 256 MiB of demo
+/// data is mounted, the file is read and written through the kernel, the writes are pushed and
+/// verified, and it unmounts (add --hold to keep it mounted until Ctrl-C).
+#[derive(Debug, clap::Args)]
+#[command(verbatim_doc_comment)]
+pub struct Args {
+    /// Remote, e.g. nbd://127.0.0.1:10809/default [default: embedded demo server]
+    remote: Option<String>,
+    /// Directory to mount the file frontend on [default: a new temporary directory]
+    target: Option<PathBuf>,
+    /// Managed mount: local cache, background pull and push
+    #[arg(long)]
+    managed: bool,
+    /// How the resource appears: file (FUSE) or disk (a loop device over the FUSE file)
+    #[arg(long, value_enum, default_value_t = Frontend::File)]
+    frontend: Frontend,
+    /// Persistent cache directory for a managed mount (survives restarts) [default: memory]
+    #[arg(long, requires = "managed")]
+    cache: Option<PathBuf>,
+    /// Name of the file in the mount
+    #[arg(long, default_value = "data")]
+    name: String,
+    /// Unit of transfer and tracking
+    #[arg(long, default_value = "1MiB", value_parser = parse_size)]
+    chunk_size: u64,
+    /// Concurrent background pulls (managed)
+    #[arg(long, default_value_t = 512)]
+    pull_workers: usize,
+    /// Pull order (managed)
+    #[arg(long, value_enum, default_value_t = PullOrder::Sequential)]
+    pull_order: PullOrder,
+    /// Pull everything before the mount appears (managed)
+    #[arg(long)]
+    pull_first: bool,
+    /// Concurrent pushes (managed)
+    #[arg(long, default_value_t = 64)]
+    push_workers: usize,
+    /// Time between background pushes (managed)
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    push_interval: Duration,
+    /// Keep the demo mounted until Ctrl-C instead of running its checks
+    #[arg(long)]
+    hold: bool,
+    #[command(flatten)]
+    remote_options: crate::remote::RemoteArgs,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum Frontend {
+    File,
+    Disk,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum PullOrder {
+    Sequential,
+    Reverse,
+}
+
+/// The mounted frontend.
+enum Mounted {
+    File(FileMount),
+    Disk(DiskMount),
+}
+
+impl Mounted {
+    fn path(&self) -> &Path {
+        match self {
+            Mounted::File(file) => file.path(),
+            Mounted::Disk(disk) => disk.path(),
+        }
+    }
+
+    async fn close(&mut self) -> r3map_fuse::Result<()> {
+        match self {
+            Mounted::File(file) => file.unmount().await,
+            Mounted::Disk(disk) => disk.close().await,
+        }
+    }
+}
+
+pub async fn run(args: Args) -> Result<()> {
+    let demo = args.remote.is_none();
+    // The demo server lives as long as this function.
+    let (uri, demo_export) = match &args.remote {
+        Some(uri) => (uri.clone(), None),
+        None => {
+            let (uri, export) = demo_server().await?;
+            eprintln!("demo: serving 256 MiB of demo data at {uri}");
+            (uri, Some(export))
+        }
+    };
+    let remote = crate::remote::open(&uri, None, &args.remote_options.options()?).await?;
+    let size = remote.size();
+    let (_temp_dir, target) = match &args.target {
+        Some(dir) => {
+            std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+            (None, dir.clone())
+        }
+        None => {
+            let dir = tempfile::Builder::new()
+                .prefix("r3map-mount-")
+                .tempdir()
+                .context("cannot create a mountpoint")?;
+            let path = dir.path().to_path_buf();
+            (Some(dir), path)
+        }
+    };
+
+    let started = Instant::now();
+    let managed = if args.managed || demo {
+        Some(open_managed(&args, &uri, remote.clone(), size).await?)
+    } else {
+        None
+    };
+    let backend: SharedBackend = match &managed {
+        Some(mount) => mount.backend(),
+        None => Arc::new(Arbitrary::new(remote.clone(), args.chunk_size)?),
+    };
+    let runtime = tokio::runtime::Handle::current();
+    let mut mounted = match args.frontend {
+        Frontend::File => Mounted::File(FileMount::mount(backend, &target, &args.name, runtime)?),
+        Frontend::Disk => Mounted::Disk(DiskMount::open(backend, &target, &args.name, runtime)?),
+    };
+    let kind = if managed.is_some() { "managed" } else { "direct" };
+    eprintln!(
+        "mounted {} ({}, {kind}) at {}",
+        uri,
+        format_bytes(size),
+        mounted.path().display()
+    );
+
+    if let Some(mount) = &managed {
+        show_pull_progress(mount).await;
+    }
+    if let (Some(export), false) = (demo_export, args.hold) {
+        let outcome = demo_checks(mounted.path(), size).await;
+        finish(&mut mounted, managed, started).await?;
+        let (read, written) = outcome?;
+        println!(
+            "demo: read {} through the kernel ({read}) and verified it",
+            format_bytes(size)
+        );
+        let mut on_server = vec![0u8; DEMO_WRITE.1 as usize];
+        export.read_at(DEMO_WRITE.0, &mut on_server).await?;
+        if on_server != demo_pattern() {
+            bail!("the server does not hold the demo's writes after the final push");
+        }
+        println!(
+            "demo: wrote {} through the file; pushed and verified on the server",
+            format_bytes(written)
+        );
+        return Ok(());
+    }
+    eprintln!("Ctrl-C or SIGTERM flushes, pushes and unmounts");
+    for attempt in 1..=GIVE_UP_AFTER {
+        crate::shutdown_signal().await;
+        match mounted.close().await {
+            Ok(()) => return finish(&mut mounted, managed, started).await,
+            Err(err) if attempt < GIVE_UP_AFTER => eprintln!(
+                "cannot unmount yet: {err}; still mounted. Signal again to retry ({} more to give up)",
+                GIVE_UP_AFTER - attempt
+            ),
+            Err(err) => {
+                drop(mounted); // detaches lazily
+                bail!("gave up unmounting cleanly: {err}; writes since the last successful sync may not have reached the remote");
+            }
+        }
+    }
+    unreachable!("the loop returns")
+}
+
+/// Unmounts (if not yet) and closes the managed mount, printing a summary.
+async fn finish(mounted: &mut Mounted, managed: Option<ManagedMount>, started: Instant) -> Result<()> {
+    mounted.close().await.context("unmounting failed")?;
+    if let Some(mount) = managed {
+        let fetched = mount.fetched_chunks();
+        let stats = mount.stats();
+        mount
+            .close()
+            .await
+            .context("the final push failed; the cache keeps the unpushed writes")?;
+        eprintln!(
+            "unmounted after {:.1} s: fetched {fetched} chunks from the remote, pushed {}",
+            started.elapsed().as_secs_f64(),
+            format_bytes(stats.pushed_bytes)
+        );
+    } else {
+        eprintln!("unmounted after {:.1} s", started.elapsed().as_secs_f64());
+    }
+    Ok(())
+}
+
+async fn open_managed(args: &Args, uri: &str, remote: SharedBackend, size: u64) -> Result<ManagedMount> {
+    let priority = match args.pull_order {
+        PullOrder::Sequential => Priority::sequential(),
+        PullOrder::Reverse => Priority::reverse(),
+    };
+    let options = ManagedOptions {
+        chunk_size: args.chunk_size,
+        puller: PullerOptions {
+            workers: args.pull_workers,
+            priority,
+        },
+        pusher: PusherOptions {
+            workers: args.push_workers,
+            interval: args.push_interval,
+        },
+        pull_first: args.pull_first,
+        ..Default::default()
+    };
+    let mount = match &args.cache {
+        Some(dir) => {
+            let cache = PersistentCache::open(dir, size, args.chunk_size, uri)?;
+            ManagedMount::open_cached(remote, cache, options).await
+        }
+        None => ManagedMount::open(remote, Arc::new(MemoryBackend::new(size)), options).await,
+    };
+    mount.context("cannot start the managed mount")
+}
+
+async fn show_pull_progress(mount: &ManagedMount) {
+    let bar = byte_bar(mount.stats().total_bytes, "pulling");
+    let started = Instant::now();
+    let mut progress = mount.pull_progress();
+    loop {
+        bar.set_position(mount.stats().local_bytes);
+        let done = {
+            let p = progress.borrow_and_update();
+            p.finished || p.error.is_some()
+        };
+        if done || progress.changed().await.is_err() {
+            break;
+        }
+    }
+    bar.finish_and_clear();
+    match mount.wait_pulled().await {
+        Ok(()) => eprintln!(
+            "pulled: {} local after {:.2} s ({} fetched from the remote)",
+            format_bytes(mount.stats().local_bytes),
+            started.elapsed().as_secs_f64(),
+            mount.fetched_chunks()
+        ),
+        Err(err) => {
+            eprintln!("background pull stopped: {err}; reads of missing chunks still fetch on demand")
+        }
+    }
+}
+
+/// Signals after which a mount that cannot flush gives up and detaches.
+const GIVE_UP_AFTER: u32 = 3;
+
+/// Where the demo writes (offset, length).
+const DEMO_WRITE: (u64, u64) = (100 << 20, 16 << 20);
+
+fn demo_pattern() -> Vec<u8> {
+    (0..DEMO_WRITE.1).map(|i| (i % 251) as u8).collect()
+}
+
+/// An in-process NBD server with demo data on loopback; returns its URI and its export.
+async fn demo_server() -> Result<(String, SharedBackend)> {
+    let size = 256 << 20;
+    let export = MemoryBackend::new(size);
+    let mut piece = vec![0u8; 8 << 20];
+    for (i, offset) in (0..size).step_by(piece.len()).enumerate() {
+        rand::rngs::SmallRng::seed_from_u64(i as u64).fill(&mut piece[..]);
+        export.write_at(offset, &piece).await?;
+    }
+    let export: SharedBackend = Arc::new(export);
+    let server = Server::bind_tcp(
+        ServerConfig::new(vec![Export::new("demo", export.clone())]),
+        "127.0.0.1:0",
+    )
+    .await?;
+    let uri = server.uri("demo");
+    tokio::spawn(async move {
+        if let Err(err) = server.serve(std::future::pending()).await {
+            eprintln!("demo server stopped: {err}");
+        }
+    });
+    Ok((uri, export))
+}
+
+/// Reads the whole file through the kernel and compares it with the demo data, then writes a
+/// pattern and reads it back. Returns (read throughput, bytes written).
+async fn demo_checks(path: &Path, size: u64) -> Result<(String, u64)> {
+    let path = path.to_path_buf();
+    tokio::task::spawn_blocking(move || -> Result<(String, u64)> {
+        use std::os::unix::fs::FileExt;
+        let file = std::fs::OpenOptions::new().read(true).write(true).open(&path)?;
+        let started = Instant::now();
+        let (mut got, mut expected) = (vec![0u8; 8 << 20], vec![0u8; 8 << 20]);
+        for (i, offset) in (0..size).step_by(got.len()).enumerate() {
+            file.read_exact_at(&mut got, offset)?;
+            rand::rngs::SmallRng::seed_from_u64(i as u64).fill(&mut expected[..]);
+            if got != expected {
+                bail!("the mounted file differs from the demo data near byte {offset}");
+            }
+        }
+        let read = throughput(size, started.elapsed());
+        let pattern = demo_pattern();
+        file.write_all_at(&pattern, DEMO_WRITE.0)?;
+        file.sync_all()?;
+        let mut back = vec![0u8; pattern.len()];
+        file.read_exact_at(&mut back, DEMO_WRITE.0)?;
+        if back != pattern {
+            bail!("the written pattern did not read back");
+        }
+        Ok((read, DEMO_WRITE.1))
+    })
+    .await?
+}

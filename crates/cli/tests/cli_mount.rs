@@ -1,0 +1,296 @@
+//! `r3map mount` across processes: a server in one process, the mount in another, real FUSE,
+//! real loop devices, real kills.
+
+mod common;
+
+use std::os::unix::fs::FileExt;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{have_fuse, mounted_path, run, serve, Proc};
+
+const LONG: Duration = Duration::from_secs(60);
+
+fn pattern(seed: u8, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[test]
+fn the_demo_mounts_reads_writes_pushes_and_verifies() {
+    if !have_fuse() {
+        return;
+    }
+    let (ok, stdout, stderr) = run(&["mount"]);
+    assert!(ok, "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("verified it") && stdout.contains("pushed and verified on the server"),
+        "{stdout}"
+    );
+}
+
+/// serve → managed disk mount → mkfs + files → unmount → a new mount process → files intact.
+#[test]
+fn ext4_on_a_managed_disk_mount_survives_unmount_and_remount() {
+    if !have_fuse() {
+        return;
+    }
+    if Command::new("mkfs.ext4").arg("-V").output().is_err() {
+        r3map_core::testing::skip("mkfs.ext4 is not installed (e2fsprogs)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("remote.img");
+    let (server, uri) = serve(
+        &format!("disk=file:{}?size=64MiB", image.display()),
+        "127.0.0.1:0",
+    );
+    let fs_dir = dir.path().join("fs");
+    std::fs::create_dir(&fs_dir).unwrap();
+    let files: Vec<(String, Vec<u8>)> = (0..3)
+        .map(|i| (format!("file{i}"), pattern(i, 300_000 + i as usize * 7)))
+        .collect();
+
+    for round in 0..2 {
+        let mnt = dir.path().join(format!("mnt{round}"));
+        let mnt_s = mnt.to_str().unwrap();
+        let mut mount = Proc::start(&[
+            "mount",
+            &uri,
+            mnt_s,
+            "--managed",
+            "--frontend",
+            "disk",
+            "--chunk-size",
+            "256KiB",
+        ]);
+        let device = mounted_path(&mount.wait_for("mounted ", LONG));
+        assert!(device.starts_with("/dev/loop"), "{device}");
+        if round == 0 {
+            let mkfs = Command::new("mkfs.ext4")
+                .args(["-q", "-F", &device])
+                .output()
+                .unwrap();
+            assert!(mkfs.status.success(), "{mkfs:?}");
+        }
+        let ok = Command::new("mount")
+            .args([&device, fs_dir.to_str().unwrap()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "mounting ext4 on {device} failed");
+        for (name, data) in &files {
+            let path = fs_dir.join(name);
+            if round == 0 {
+                std::fs::write(&path, data).unwrap();
+            } else {
+                assert_eq!(
+                    &std::fs::read(&path).unwrap(),
+                    data,
+                    "{name} changed across the remount"
+                );
+            }
+        }
+        assert!(Command::new("umount").arg(&fs_dir).status().unwrap().success());
+        assert!(
+            mount.terminate(LONG),
+            "the mount process failed to unmount and push"
+        );
+    }
+    assert!(server.terminate(LONG));
+}
+
+/// The server dies (SIGKILL) while the mount keeps running; writes keep landing locally and
+/// reach the restarted server; nothing acknowledged is lost.
+#[test]
+fn a_killed_and_restarted_server_loses_no_acknowledged_write() {
+    if !have_fuse() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("remote.img");
+    let export = format!("disk=file:{}?size=16MiB", image.display());
+    let listen = format!("127.0.0.1:{}", free_port());
+    let (server, uri) = serve(&export, &listen);
+    let mnt = dir.path().join("mnt");
+    let mut mount = Proc::start(&[
+        "mount",
+        &uri,
+        mnt.to_str().unwrap(),
+        "--managed",
+        "--chunk-size",
+        "64KiB",
+        "--push-interval",
+        "100ms",
+        "--remote-timeout",
+        "60s",
+    ]);
+    let path = mounted_path(&mount.wait_for("mounted ", LONG));
+    mount.wait_for("pulled:", LONG);
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .unwrap();
+    let before = pattern(1, 200_000);
+    file.write_all_at(&before, 1_000_000).unwrap();
+    file.sync_all().unwrap(); // acknowledged: pushed to the server
+
+    server.kill();
+    let during = pattern(2, 300_000);
+    let started = Instant::now();
+    file.write_all_at(&during, 5_000_000).unwrap(); // lands in the local cache
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "a write waited for the dead server"
+    );
+    let mut back = vec![0u8; during.len()];
+    file.read_exact_at(&mut back, 5_000_000).unwrap();
+    assert_eq!(
+        back, during,
+        "local reads stopped working while the server was down"
+    );
+
+    let (server, _) = serve(&export, &listen);
+    drop(file);
+    assert!(
+        mount.terminate(LONG),
+        "the mount could not push after the server came back"
+    );
+    assert!(server.terminate(LONG));
+    let bytes = std::fs::read(&image).unwrap();
+    assert_eq!(
+        &bytes[1_000_000..1_200_000],
+        &before[..],
+        "the acknowledged write was lost"
+    );
+    assert_eq!(
+        &bytes[5_000_000..5_300_000],
+        &during[..],
+        "the write made during the outage was lost"
+    );
+}
+
+/// The mounting process is killed; `r3map umount` cleans up; a new process on the same cache
+/// downloads nothing again and pushes what the dead one had not.
+#[test]
+fn a_restarted_mount_on_its_cache_does_not_download_again_and_pushes() {
+    if !have_fuse() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("remote.img");
+    let (server, uri) = serve(&format!("disk=file:{}?size=8MiB", image.display()), "127.0.0.1:0");
+    let cache = dir.path().join("cache");
+    let mnt = dir.path().join("mnt");
+    let args = |cache: &str, mnt: &str| -> Vec<String> {
+        [
+            "mount",
+            &uri,
+            mnt,
+            "--managed",
+            "--cache",
+            cache,
+            "--chunk-size",
+            "64KiB",
+            "--push-interval",
+            "1h",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let first_args = args(cache.to_str().unwrap(), mnt.to_str().unwrap());
+    let mut first = Proc::start(&first_args.iter().map(String::as_str).collect::<Vec<_>>());
+    let path = mounted_path(&first.wait_for("mounted ", LONG));
+    let pulled = first.wait_for("pulled:", LONG);
+    assert!(pulled.contains("(128 fetched from the remote)"), "{pulled}");
+    let data = pattern(3, 100_000);
+    let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    file.write_all_at(&data, 3_000_000).unwrap(); // in the cache, not pushed (interval 1h)
+    drop(file);
+    first.kill();
+    assert!(
+        std::fs::read(&image).unwrap()[3_000_000..3_100_000]
+            .iter()
+            .all(|&b| b == 0),
+        "pushed before the kill?"
+    );
+
+    let (ok, _, stderr) = run(&["umount"]);
+    assert!(ok, "{stderr}");
+    assert!(
+        stderr.contains(mnt.to_str().unwrap()),
+        "the stale mount was not reported: {stderr}"
+    );
+
+    let mut second = Proc::start(&first_args.iter().map(String::as_str).collect::<Vec<_>>());
+    second.wait_for("mounted ", LONG);
+    let pulled = second.wait_for("pulled:", LONG);
+    assert!(
+        pulled.contains("(0 fetched from the remote)"),
+        "the restarted mount downloaded again: {pulled}"
+    );
+    let mut back = vec![0u8; data.len()];
+    std::fs::File::open(&path)
+        .unwrap()
+        .read_exact_at(&mut back, 3_000_000)
+        .unwrap();
+    assert_eq!(back, data);
+    assert!(second.terminate(LONG));
+    assert!(server.terminate(LONG));
+    assert_eq!(
+        &std::fs::read(&image).unwrap()[3_000_000..3_100_000],
+        &data[..],
+        "the unpushed write never reached the server"
+    );
+}
+
+/// A direct mount whose server stays down: a read fails with EIO after the timeout, not never.
+#[test]
+fn reads_fail_with_eio_after_the_timeout_when_the_remote_stays_down() {
+    if !have_fuse() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (server, uri) = serve("disk=memory:4MiB", "127.0.0.1:0");
+    let mnt = dir.path().join("mnt");
+    let mount = {
+        let mut mount = Proc::start(&["mount", &uri, mnt.to_str().unwrap(), "--remote-timeout", "1s"]);
+        let path = mounted_path(&mount.wait_for("mounted ", LONG));
+        (mount, path)
+    };
+    server.kill();
+    let started = Instant::now();
+    let file = std::fs::File::open(&mount.1).unwrap();
+    let mut buf = vec![0u8; 4096];
+    let err = file.read_exact_at(&mut buf, 1 << 20).unwrap_err();
+    let elapsed = started.elapsed();
+    assert_eq!(err.raw_os_error(), Some(5), "expected EIO, got {err}");
+    assert!(
+        elapsed >= Duration::from_millis(900) && elapsed < Duration::from_secs(20),
+        "{elapsed:?}"
+    );
+    drop(file);
+    // It cannot flush to a dead remote: it says so and stays mounted, and gives up on the third
+    // signal.
+    let (mut mount, path) = mount;
+    mount.signal("TERM");
+    mount.wait_for("cannot unmount yet", LONG);
+    mount.signal("TERM");
+    mount.wait_for("cannot unmount yet", LONG);
+    assert!(!mount.terminate(LONG), "giving up must be reported as a failure");
+    assert!(
+        std::fs::metadata(&path).is_err(),
+        "the mount is still there after giving up"
+    );
+}

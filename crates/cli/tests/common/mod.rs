@@ -1,0 +1,151 @@
+//! Running `r3map` processes in tests and following what they print.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// A background `r3map` process whose stderr lines are collected; killed on drop.
+pub struct Proc {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    pub seen: Vec<String>,
+}
+
+impl Proc {
+    pub fn start(args: &[&str]) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_r3map"))
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start r3map");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Self {
+            child,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Waits (bounded) for a line containing `needle`; returns it.
+    pub fn wait_for(&mut self, needle: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if line.contains(needle) {
+                        return line;
+                    }
+                }
+                Err(_) => {
+                    let status = self.child.try_wait().ok().flatten();
+                    panic!(
+                        "no line with {needle:?} within {timeout:?} (exit status: {status:?}); saw:\n{}",
+                        self.seen.join("\n")
+                    )
+                }
+            }
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{signal}"), &self.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// SIGTERM, then waits (bounded) for the exit; returns whether it succeeded.
+    pub fn terminate(mut self, timeout: Duration) -> bool {
+        self.signal("TERM");
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                while let Ok(line) = self.lines.recv_timeout(Duration::from_millis(200)) {
+                    self.seen.push(line);
+                }
+                if !status.success() {
+                    eprintln!("r3map exited with {status}; it said:\n{}", self.seen.join("\n"));
+                }
+                return status.success();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "r3map did not exit within {timeout:?}; saw:\n{}",
+                self.seen.join("\n")
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL and reap.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `r3map` to completion; returns (success, stdout, stderr).
+pub fn run(args: &[&str]) -> (bool, String, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_r3map"))
+        .args(args)
+        .output()
+        .expect("run r3map");
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// Starts `r3map serve` with one export; returns the process and its URI.
+pub fn serve(export: &str, listen: &str) -> (Proc, String) {
+    let mut server = Proc::start(&["serve", export, "--listen", listen]);
+    let line = server.wait_for("serving nbd://", Duration::from_secs(20));
+    let uri = line
+        .trim_start_matches("serving ")
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string();
+    (server, uri)
+}
+
+/// The path a `mount` process reported ("mounted … at PATH").
+pub fn mounted_path(line: &str) -> String {
+    line.rsplit(" at ").next().unwrap().to_string()
+}
+
+/// Whether this machine can run FUSE and loop devices (skips the test with a reason if not).
+pub fn have_fuse() -> bool {
+    if !std::path::Path::new("/dev/fuse").exists() {
+        r3map_core::testing::skip("/dev/fuse is missing: this kernel or container has no FUSE");
+        return false;
+    }
+    true
+}
