@@ -48,7 +48,7 @@ pub fn format_bytes(bytes: u64) -> String {
     }
 }
 
-/// Parses a duration: a number with a unit of `us`, `ms`, `s` or `m` (e.g. `25ms`, `1.5s`).
+/// Parses a duration: a number with a unit of `us`, `ms`, `s`, `m` or `h` (e.g. `25ms`, `1.5s`).
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let trimmed = text.trim();
     let split = trimmed
@@ -63,6 +63,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         "ms" => value / 1e3,
         "s" => value,
         "m" | "min" => value * 60.0,
+        "h" => value * 3600.0,
         "" => return Err(format!("{text:?} needs a unit: us, ms, s or m (e.g. 25ms)")),
         other => {
             return Err(format!(
