@@ -53,6 +53,7 @@ fn ext4_on_a_managed_disk_mount_survives_unmount_and_remount() {
     let (server, uri) = serve(
         &format!("disk=file:{}?size=64MiB", image.display()),
         "127.0.0.1:0",
+        &[],
     );
     let fs_dir = dir.path().join("fs");
     std::fs::create_dir(&fs_dir).unwrap();
@@ -120,7 +121,7 @@ fn a_killed_and_restarted_server_loses_no_acknowledged_write() {
     let image = dir.path().join("remote.img");
     let export = format!("disk=file:{}?size=16MiB", image.display());
     let listen = format!("127.0.0.1:{}", free_port());
-    let (server, uri) = serve(&export, &listen);
+    let (server, uri) = serve(&export, &listen, &[]);
     let mnt = dir.path().join("mnt");
     let mut mount = Proc::start(&[
         "mount",
@@ -160,7 +161,7 @@ fn a_killed_and_restarted_server_loses_no_acknowledged_write() {
         "local reads stopped working while the server was down"
     );
 
-    let (server, _) = serve(&export, &listen);
+    let (server, _) = serve(&export, &listen, &[]);
     drop(file);
     assert!(
         mount.terminate(LONG),
@@ -189,7 +190,11 @@ fn a_restarted_mount_on_its_cache_does_not_download_again_and_pushes() {
     }
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("remote.img");
-    let (server, uri) = serve(&format!("disk=file:{}?size=8MiB", image.display()), "127.0.0.1:0");
+    let (server, uri) = serve(
+        &format!("disk=file:{}?size=8MiB", image.display()),
+        "127.0.0.1:0",
+        &[],
+    );
     let cache = dir.path().join("cache");
     let mnt = dir.path().join("mnt");
     let args = |cache: &str, mnt: &str| -> Vec<String> {
@@ -262,7 +267,7 @@ fn reads_fail_with_eio_after_the_timeout_when_the_remote_stays_down() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let (server, uri) = serve("disk=memory:4MiB", "127.0.0.1:0");
+    let (server, uri) = serve("disk=memory:4MiB", "127.0.0.1:0", &[]);
     let mnt = dir.path().join("mnt");
     let mount = {
         let mut mount = Proc::start(&["mount", &uri, mnt.to_str().unwrap(), "--remote-timeout", "1s"]);
@@ -293,4 +298,42 @@ fn reads_fail_with_eio_after_the_timeout_when_the_remote_stays_down() {
         std::fs::metadata(&path).is_err(),
         "the mount is still there after giving up"
     );
+}
+
+/// Where the kernel lacks NBD or ublk, the frontend is refused up front with the missing kernel
+/// feature named and the FUSE + loop alternative suggested (the guest VM test covers kernels
+/// that have them).
+#[test]
+fn kernel_block_device_frontends_name_what_the_kernel_lacks() {
+    let mut checked = 0;
+    for (frontend, supported, feature) in [
+        (
+            "nbd",
+            r3map_blockdev::check_nbd_support().is_ok(),
+            "CONFIG_BLK_DEV_NBD",
+        ),
+        (
+            "ublk",
+            r3map_blockdev::check_ublk_support().is_ok(),
+            "CONFIG_BLK_DEV_UBLK",
+        ),
+    ] {
+        if supported {
+            continue;
+        }
+        checked += 1;
+        let (ok, _, stderr) = run(&["mount", "--frontend", frontend]);
+        assert!(!ok);
+        assert!(
+            stderr.contains(feature) && stderr.contains("--frontend disk"),
+            "{stderr}"
+        );
+        assert!(
+            !stderr.contains("demo: serving"),
+            "it did work before refusing: {stderr}"
+        );
+    }
+    if checked == 0 {
+        r3map_core::testing::skip("this kernel has both NBD and ublk; the refusal cannot be shown here");
+    }
 }

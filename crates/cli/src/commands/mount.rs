@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use r3map_blockdev::{check_nbd_support, check_ublk_support, NbdDevice, NbdOptions, UblkDevice, UblkOptions};
 use r3map_core::stages::{Arbitrary, Priority, PullerOptions, PusherOptions};
 use r3map_core::{Backend, MemoryBackend, SharedBackend};
 use r3map_fuse::{DiskMount, FileMount};
@@ -35,7 +36,8 @@ pub struct Args {
     /// Managed mount: local cache, background pull and push
     #[arg(long)]
     managed: bool,
-    /// How the resource appears: file (FUSE) or disk (a loop device over the FUSE file)
+    /// How the resource appears: file (FUSE), disk (a loop device over the FUSE file), nbd (the
+    /// kernel's NBD client, /dev/nbdN) or ublk (a userspace block device, /dev/ublkbN)
     #[arg(long, value_enum, default_value_t = Frontend::File)]
     frontend: Frontend,
     /// Persistent cache directory for a managed mount (survives restarts) [default: memory]
@@ -73,6 +75,8 @@ pub struct Args {
 enum Frontend {
     File,
     Disk,
+    Nbd,
+    Ublk,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -81,29 +85,81 @@ enum PullOrder {
     Reverse,
 }
 
-/// The mounted frontend.
+/// The mounted frontend. Kernel block devices are `None` once closed.
 enum Mounted {
     File(FileMount),
     Disk(DiskMount),
+    Nbd(PathBuf, Option<NbdDevice>),
+    Ublk(PathBuf, Option<UblkDevice>),
 }
 
 impl Mounted {
+    async fn open(frontend: Frontend, backend: SharedBackend, target: &Path, name: &str) -> Result<Self> {
+        let runtime = tokio::runtime::Handle::current();
+        Ok(match frontend {
+            Frontend::File => Mounted::File(FileMount::mount(backend, target, name, runtime)?),
+            Frontend::Disk => Mounted::Disk(DiskMount::open(backend, target, name, runtime)?),
+            Frontend::Nbd => {
+                let device = NbdDevice::attach(backend, NbdOptions::default()).await?;
+                Mounted::Nbd(device.path().to_path_buf(), Some(device))
+            }
+            Frontend::Ublk => {
+                let device = UblkDevice::start(backend, UblkOptions::default()).await?;
+                Mounted::Ublk(device.path().to_path_buf(), Some(device))
+            }
+        })
+    }
+
     fn path(&self) -> &Path {
         match self {
             Mounted::File(file) => file.path(),
             Mounted::Disk(disk) => disk.path(),
+            Mounted::Nbd(path, _) | Mounted::Ublk(path, _) => path,
         }
     }
 
-    async fn close(&mut self) -> r3map_fuse::Result<()> {
+    async fn close(&mut self) -> Result<()> {
         match self {
-            Mounted::File(file) => file.unmount().await,
-            Mounted::Disk(disk) => disk.close().await,
+            Mounted::File(file) => file.unmount().await?,
+            Mounted::Disk(disk) => disk.close().await?,
+            Mounted::Nbd(path, device) => {
+                refuse_if_mounted(path)?;
+                if let Some(device) = device.take() {
+                    device.disconnect().await?;
+                }
+            }
+            Mounted::Ublk(path, device) => {
+                refuse_if_mounted(path)?;
+                if let Some(device) = device.take() {
+                    device.stop().await?;
+                }
+            }
         }
+        Ok(())
     }
 }
 
+/// A kernel block device with a filesystem mounted on it must not be pulled away.
+fn refuse_if_mounted(device: &Path) -> Result<()> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    let device = device.to_string_lossy();
+    if let Some(line) = mounts
+        .lines()
+        .find(|line| line.split_whitespace().next() == Some(&*device))
+    {
+        let at = line.split_whitespace().nth(1).unwrap_or("?");
+        bail!("{device} is mounted at {at}; unmount it first");
+    }
+    Ok(())
+}
+
 pub async fn run(args: Args) -> Result<()> {
+    // Refuse a frontend this kernel cannot offer before doing any work.
+    match args.frontend {
+        Frontend::Nbd => drop(check_nbd_support()?),
+        Frontend::Ublk => check_ublk_support()?,
+        Frontend::File | Frontend::Disk => {}
+    }
     let demo = args.remote.is_none();
     // The demo server lives as long as this function.
     let (uri, demo_export) = match &args.remote {
@@ -141,11 +197,7 @@ pub async fn run(args: Args) -> Result<()> {
         Some(mount) => mount.backend(),
         None => Arc::new(Arbitrary::new(remote.clone(), args.chunk_size)?),
     };
-    let runtime = tokio::runtime::Handle::current();
-    let mut mounted = match args.frontend {
-        Frontend::File => Mounted::File(FileMount::mount(backend, &target, &args.name, runtime)?),
-        Frontend::Disk => Mounted::Disk(DiskMount::open(backend, &target, &args.name, runtime)?),
-    };
+    let mut mounted = Mounted::open(args.frontend, backend, &target, &args.name).await?;
     let kind = if managed.is_some() { "managed" } else { "direct" };
     eprintln!(
         "mounted {} ({}, {kind}) at {}",

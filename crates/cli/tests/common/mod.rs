@@ -123,9 +123,11 @@ pub fn run(args: &[&str]) -> (bool, String, String) {
     )
 }
 
-/// Starts `r3map serve` with one export; returns the process and its URI.
-pub fn serve(export: &str, listen: &str) -> (Proc, String) {
-    let mut server = Proc::start(&["serve", export, "--listen", listen]);
+/// Starts `r3map serve` with one export and `extra` flags; returns the process and its URI.
+pub fn serve(export: &str, listen: &str, extra: &[&str]) -> (Proc, String) {
+    let mut args = vec!["serve", export, "--listen", listen];
+    args.extend_from_slice(extra);
+    let mut server = Proc::start(&args);
     let line = server.wait_for("serving nbd://", Duration::from_secs(20));
     let uri = line
         .trim_start_matches("serving ")
