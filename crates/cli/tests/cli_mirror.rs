@@ -1,18 +1,8 @@
 //! `r3map mirror` end to end, as a user runs it: a separate process, real backends.
 
-use std::process::Command;
+mod common;
 
-fn r3map(args: &[&str]) -> (bool, String, String) {
-    let output = Command::new(env!("CARGO_BIN_EXE_r3map"))
-        .args(args)
-        .output()
-        .expect("run r3map");
-    (
-        output.status.success(),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
-}
+use common::run as r3map;
 
 #[test]
 fn mirror_on_the_embedded_default_pulls_pushes_and_verifies() {

@@ -10,7 +10,7 @@ use r3map_core::{Backend, MemoryBackend, SharedBackend};
 use r3map_mount::{format_bytes, parse_size, ManagedMount, ManagedOptions};
 use rand::{Rng, SeedableRng};
 
-use crate::progress::{byte_bar, throughput};
+use crate::progress::throughput;
 
 /// Mirror a remote into a local cache (managed mount): pull, write, push back, verify
 ///
@@ -106,7 +106,7 @@ pub async fn run(args: Args) -> Result<()> {
         args.chunk_size,
         args.seed,
     ));
-    show_pull_progress(&mount).await;
+    crate::progress::follow_pull(&mount).await;
     mount.wait_pulled().await.context("the background pull failed")?;
     let pulled_in = started.elapsed();
     let (written_bytes, write_count) = writes.await.context("the write workload panicked")??;
@@ -150,23 +150,6 @@ async fn embedded_remote(size: u64, seed: u64) -> Result<SharedBackend> {
         offset += n as u64;
     }
     Ok(Arc::new(remote))
-}
-
-async fn show_pull_progress(mount: &ManagedMount) {
-    let bar = byte_bar(mount.stats().total_bytes, "pulling");
-    let mut progress = mount.pull_progress();
-    loop {
-        bar.set_position(mount.stats().local_bytes);
-        let done = {
-            let p = progress.borrow_and_update();
-            p.finished || p.error.is_some()
-        };
-        if done || progress.changed().await.is_err() {
-            break;
-        }
-    }
-    bar.set_position(mount.stats().local_bytes);
-    bar.finish_and_clear();
 }
 
 /// Random unaligned writes covering about `percent`% of the resource; returns (bytes, count).

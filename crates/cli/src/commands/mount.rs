@@ -13,7 +13,7 @@ use r3map_mount::{format_bytes, parse_duration, parse_size, ManagedMount, Manage
 use r3map_nbd::{Export, Server, ServerConfig};
 use rand::{Rng, SeedableRng};
 
-use crate::progress::{byte_bar, throughput};
+use crate::progress::throughput;
 
 /// Mount a remote as a local file or block device
 ///
@@ -296,20 +296,8 @@ async fn open_managed(args: &Args, uri: &str, remote: SharedBackend, size: u64) 
 }
 
 async fn show_pull_progress(mount: &ManagedMount) {
-    let bar = byte_bar(mount.stats().total_bytes, "pulling");
     let started = Instant::now();
-    let mut progress = mount.pull_progress();
-    loop {
-        bar.set_position(mount.stats().local_bytes);
-        let done = {
-            let p = progress.borrow_and_update();
-            p.finished || p.error.is_some()
-        };
-        if done || progress.changed().await.is_err() {
-            break;
-        }
-    }
-    bar.finish_and_clear();
+    crate::progress::follow_pull(mount).await;
     match mount.wait_pulled().await {
         Ok(()) => eprintln!(
             "pulled: {} local after {:.2} s ({} fetched from the remote)",
