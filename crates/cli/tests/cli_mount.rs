@@ -337,3 +337,61 @@ fn kernel_block_device_frontends_name_what_the_kernel_lacks() {
         r3map_core::testing::skip("this kernel has both NBD and ublk; the refusal cannot be shown here");
     }
 }
+
+/// `--frontend slice`: an unmodified program hands r3map its userfaultfd; its memory shows the
+/// remote's bytes, and its writes reach the server after it asks for a sync.
+#[test]
+fn the_slice_frontend_serves_another_programs_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("remote.img");
+    let content = pattern(9, 2 << 20);
+    std::fs::write(&image, &content).unwrap();
+    let (server, uri) = serve(&format!("disk=file:{}", image.display()), "127.0.0.1:0", &[]);
+    let socket = dir.path().join("r3map.sock");
+    let mut mount = Proc::start(&[
+        "mount",
+        &uri,
+        socket.to_str().unwrap(),
+        "--frontend",
+        "slice",
+        "--managed",
+        "--chunk-size",
+        "256KiB",
+    ]);
+    mount.wait_for("mounted ", LONG);
+
+    let client = std::path::Path::new(env!("CARGO_BIN_EXE_r3map"))
+        .with_file_name("examples")
+        .join("slice_client");
+    assert!(
+        client.exists(),
+        "examples/slice_client is built with the tests ({})",
+        client.display()
+    );
+    let output = Command::new(&client)
+        .args([
+            socket.to_str().unwrap(),
+            &(2usize << 20).to_string(),
+            "1000000=hello from a program",
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        stdout.contains(&format!("crc32 {:08x}", crc32fast::hash(&content))),
+        "the program saw other bytes: {stdout}"
+    );
+    assert!(stdout.contains("synced"), "{stdout}");
+
+    assert!(mount.terminate(LONG));
+    assert!(server.terminate(LONG));
+    assert_eq!(
+        &std::fs::read(&image).unwrap()[1_000_000..1_000_020],
+        b"hello from a program"
+    );
+}

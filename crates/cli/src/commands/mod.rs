@@ -4,4 +4,5 @@ pub mod delay_proxy;
 pub mod mirror;
 pub mod mount;
 pub mod serve;
+pub mod slice_server;
 pub mod umount;

@@ -9,6 +9,8 @@ use r3map_blockdev::{check_nbd_support, check_ublk_support, NbdDevice, NbdOption
 use r3map_core::stages::{Arbitrary, Priority, PullerOptions, PusherOptions};
 use r3map_core::{Backend, MemoryBackend, SharedBackend};
 use r3map_fuse::{DiskMount, FileMount};
+
+use super::slice_server::SliceServer;
 use r3map_mount::{format_bytes, parse_duration, parse_size, ManagedMount, ManagedOptions, PersistentCache};
 use r3map_nbd::{Export, Server, ServerConfig};
 use rand::{Rng, SeedableRng};
@@ -31,13 +33,15 @@ use crate::progress::throughput;
 pub struct Args {
     /// Remote, e.g. nbd://127.0.0.1:10809/default [default: embedded demo server]
     remote: Option<String>,
-    /// Directory to mount the file frontend on [default: a new temporary directory]
+    /// Directory to mount the file frontend on, or the socket path for the slice frontend
+    /// [default: in a new temporary directory]
     target: Option<PathBuf>,
     /// Managed mount: local cache, background pull and push
     #[arg(long)]
     managed: bool,
     /// How the resource appears: file (FUSE), disk (a loop device over the FUSE file), nbd (the
-    /// kernel's NBD client, /dev/nbdN) or ublk (a userspace block device, /dev/ublkbN)
+    /// kernel's NBD client, /dev/nbdN), ublk (a userspace block device, /dev/ublkbN), or slice
+    /// (memory of programs that hand their userfaultfd to TARGET, a UNIX socket)
     #[arg(long, value_enum, default_value_t = Frontend::File)]
     frontend: Frontend,
     /// Persistent cache directory for a managed mount (survives restarts) [default: memory]
@@ -77,6 +81,7 @@ enum Frontend {
     Disk,
     Nbd,
     Ublk,
+    Slice,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -91,6 +96,7 @@ enum Mounted {
     Disk(DiskMount),
     Nbd(PathBuf, Option<NbdDevice>),
     Ublk(PathBuf, Option<UblkDevice>),
+    Slice(Option<SliceServer>),
 }
 
 impl Mounted {
@@ -107,6 +113,11 @@ impl Mounted {
                 let device = UblkDevice::start(backend, UblkOptions::default()).await?;
                 Mounted::Ublk(device.path().to_path_buf(), Some(device))
             }
+            Frontend::Slice => Mounted::Slice(Some(SliceServer::start(
+                backend,
+                target,
+                tokio::runtime::Handle::current(),
+            )?)),
         })
     }
 
@@ -115,6 +126,7 @@ impl Mounted {
             Mounted::File(file) => file.path(),
             Mounted::Disk(disk) => disk.path(),
             Mounted::Nbd(path, _) | Mounted::Ublk(path, _) => path,
+            Mounted::Slice(server) => server.as_ref().map_or(Path::new("-"), |s| s.path()),
         }
     }
 
@@ -134,6 +146,7 @@ impl Mounted {
                     device.stop().await?;
                 }
             }
+            Mounted::Slice(server) => drop(server.take()),
         }
         Ok(())
     }
@@ -158,7 +171,7 @@ pub async fn run(args: Args) -> Result<()> {
     match args.frontend {
         Frontend::Nbd => drop(check_nbd_support()?),
         Frontend::Ublk => check_ublk_support()?,
-        Frontend::File | Frontend::Disk => {}
+        Frontend::File | Frontend::Disk | Frontend::Slice => {}
     }
     let demo = args.remote.is_none();
     // The demo server lives as long as this function.
@@ -172,7 +185,12 @@ pub async fn run(args: Args) -> Result<()> {
     };
     let remote = crate::remote::open(&uri, None, &args.remote_options.options()?).await?;
     let size = remote.size();
+    let slice = matches!(args.frontend, Frontend::Slice);
+    if slice && demo && !args.hold {
+        bail!("the slice frontend serves other programs: give a remote or --hold, then point a program at the socket");
+    }
     let (_temp_dir, target) = match &args.target {
+        Some(path) if slice => (None, path.clone()),
         Some(dir) => {
             std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
             (None, dir.clone())
@@ -182,7 +200,11 @@ pub async fn run(args: Args) -> Result<()> {
                 .prefix("r3map-mount-")
                 .tempdir()
                 .context("cannot create a mountpoint")?;
-            let path = dir.path().to_path_buf();
+            let path = if slice {
+                dir.path().join("r3map.sock")
+            } else {
+                dir.path().to_path_buf()
+            };
             (Some(dir), path)
         }
     };
