@@ -194,3 +194,32 @@ async fn refusals_are_not_retried_and_the_first_connection_must_succeed() {
         .await
         .is_err());
 }
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(24))]
+    /// Any workload through the reconnect stage matches the model while the server goes down
+    /// and comes back between operations (a background task brings it back each time).
+    #[test]
+    fn workload_matches_model_across_outages(
+        ops in r3map_core::testing::ops_strategy(3000, 30),
+        outages in proptest::collection::vec(proptest::prelude::any::<bool>(), 30),
+    ) {
+        r3map_core::testing::block_on(async {
+            let server = Server::new(10_000);
+            let remote = Reconnecting::connect(server.connector(), options(10_000)).await.unwrap();
+            let mut model = vec![0u8; 10_000];
+            for (op, outage) in ops.iter().zip(outages.iter().chain(std::iter::repeat(&false))) {
+                if *outage {
+                    server.go_down();
+                    let server = server.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(Duration::from_millis(2)).await;
+                        server.come_up();
+                    });
+                }
+                r3map_core::testing::run_ops(&remote, &mut model, 0..10_000, 1, std::slice::from_ref(op)).await?;
+            }
+            r3map_core::testing::check_content(&remote, &model).await
+        })?;
+    }
+}
