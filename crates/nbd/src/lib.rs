@@ -12,6 +12,7 @@
 
 pub mod client;
 pub mod codec;
+mod pool;
 pub mod server;
 pub mod tls;
 pub mod uri;

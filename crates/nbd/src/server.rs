@@ -6,21 +6,30 @@
 //! one semaphore on the number and one on the bytes in flight), and a single writer task sends
 //! replies. A reply is built completely (a read's data is in memory) before its header is
 //! written, so a backend error becomes an error reply and never desynchronises the stream.
+//!
+//! Reads are the hot path. Their data goes into buffers reused from a per-connection pool
+//! (`pool`: no allocation, zeroing or page faults per request, memory within the in-flight byte
+//! budget); the writer sends every ready header and data buffer with one vectored write (no
+//! copy); and the reader stops taking requests while too much read data waits for the socket
+//! ([`Backlog`]), so the data is still in the CPU caches when the kernel copies it.
 
 use std::future::Future;
+use std::io::IoSlice;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use r3map_core::SharedBackend;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, UnixListener};
-use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
 use crate::codec::{self, CodecError, OptionFrame, Payload, Request, RequestDecoder};
+use crate::pool::{BufferPool, PooledBuf};
 use crate::tls::{ServerTls, TlsError};
 use crate::wire::{self, cmd, cmd_flags, errno, handshake_flags, opt, rep, transmission_flags};
 
@@ -28,8 +37,12 @@ use crate::wire::{self, cmd, cmd_flags, errno, handshake_flags, opt, rep, transm
 const MAX_OPTION_LEN: u32 = 64 << 10;
 /// Largest piece a `NBD_CMD_CACHE` reads at once.
 const CACHE_PIECE: usize = 1 << 20;
-/// Buffer of the reply writer; larger replies bypass it.
+/// Buffer gathering small replies on streams without vectored writes; larger pieces bypass it.
 const WRITE_BUFFER: usize = 256 << 10;
+/// Read data waiting for the writer above which a connection takes no new requests.
+const BACKLOG_HIGH: usize = 2 << 20;
+/// Replies sent with one write at most.
+const WRITE_BATCH: usize = 64;
 /// Smallest read from the socket in the transmission phase.
 const READ_CHUNK: usize = 128 << 10;
 
@@ -855,11 +868,58 @@ fn meta_context(
 // Transmission.
 // ---------------------------------------------------------------------------------------------
 
+/// Read data of one connection on its way out, shared by the reader, the request tasks and
+/// the writer.
+///
+/// When the client reads replies more slowly than the backend produces them (a fast local
+/// backend), data read from the backend now would only wait in memory and fall out of the CPU
+/// caches before the kernel copies it into the socket, making both copies memory-bound. So the
+/// reader takes no new request while more than [`BACKLOG_HIGH`] bytes of read data wait for the
+/// writer. Reads still running at the backend are not limited by this (a slow remote backend
+/// keeps up to `max_in_flight` requests busy); they only make the reader yield once, so tasks
+/// it just spawned get to run and show whether their data is waiting.
+#[derive(Default)]
+struct Backlog {
+    /// Bytes of reads handed to tasks that have not finished yet.
+    reading: AtomicUsize,
+    /// Bytes of read data finished and not yet written.
+    waiting: AtomicUsize,
+    /// Signalled by the writer when `waiting` drops to `BACKLOG_HIGH` or below.
+    drained: Notify,
+}
+
+impl Backlog {
+    /// Waits until the connection may take another request.
+    async fn admit(&self) {
+        if self.reading.load(Ordering::Acquire) + self.waiting.load(Ordering::Acquire) > BACKLOG_HIGH {
+            tokio::task::yield_now().await;
+        }
+        while self.waiting.load(Ordering::Acquire) > BACKLOG_HIGH {
+            self.drained.notified().await;
+        }
+    }
+
+    /// A read of `len` bytes finished; `produced` bytes of it go to the writer.
+    fn finished(&self, len: usize, produced: usize) {
+        self.waiting.fetch_add(produced, Ordering::AcqRel);
+        self.reading.fetch_sub(len, Ordering::AcqRel);
+    }
+
+    /// The writer sent `len` bytes of read data.
+    fn sent(&self, len: usize) {
+        if len > 0 && self.waiting.fetch_sub(len, Ordering::AcqRel) - len <= BACKLOG_HIGH {
+            // A stored permit if the reader is not waiting yet: it then re-checks and goes on.
+            self.drained.notify_one();
+        }
+    }
+}
+
 /// A reply ready to be written, with the permits that account for its memory.
 struct Outgoing {
     head: Bytes,
-    /// A read's reply: header and data in one buffer (sent with one write), from `.1` on.
-    data: Option<(Vec<u8>, usize)>,
+    /// A read's data, sent right after `head` (one vectored write, no copy).
+    data: Option<PooledBuf>,
+    // Fields drop in order: the buffer is back in the pool before its bytes are released.
     _permits: Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)>,
 }
 
@@ -985,11 +1045,9 @@ fn ok_reply(handle: u64, structured: bool) -> Bytes {
     head.freeze()
 }
 
-/// Runs one validated request against the backend and builds its reply.
-/// Room in front of a read's data for its reply header, so both go out in one write.
-const HEAD_ROOM: usize = 32;
-
-async fn execute(request: Request, session: &Session) -> (Bytes, Option<(Vec<u8>, usize)>) {
+/// Runs one validated request against the backend and builds its reply. A read's data goes
+/// into a buffer from `pool`, whose class the caller holds in its byte permit.
+async fn execute(request: Request, session: &Session, pool: &Arc<BufferPool>) -> (Bytes, Option<PooledBuf>) {
     let backend = &session.export.backend;
     let structured = session.structured;
     let fua = request.flags & cmd_flags::FUA != 0;
@@ -998,10 +1056,14 @@ async fn execute(request: Request, session: &Session) -> (Bytes, Option<(Vec<u8>
     let length = u64::from(request.length);
     let result = match request.command {
         cmd::READ => {
-            let mut data = vec![0u8; HEAD_ROOM + request.length as usize];
-            match backend.read_at(offset, &mut data[HEAD_ROOM..]).await {
+            let mut data = (request.length > 0).then(|| pool.take(request.length as usize));
+            let read = match &mut data {
+                Some(data) => backend.read_at(offset, data.as_mut_slice()).await,
+                None => backend.read_at(offset, &mut []).await,
+            };
+            match read {
                 Ok(()) => {
-                    let mut head = BytesMut::with_capacity(HEAD_ROOM);
+                    let mut head = BytesMut::with_capacity(32);
                     if !structured {
                         codec::encode_simple_reply(&mut head, handle, 0);
                     } else if request.length == 0 {
@@ -1009,9 +1071,7 @@ async fn execute(request: Request, session: &Session) -> (Bytes, Option<(Vec<u8>
                     } else {
                         codec::encode_offset_data_header(&mut head, handle, offset, request.length);
                     }
-                    let start = HEAD_ROOM - head.len();
-                    data[start..HEAD_ROOM].copy_from_slice(&head);
-                    return (Bytes::new(), Some((data, start)));
+                    return (head.freeze(), data);
                 }
                 Err(err) => Err(err),
             }
@@ -1087,9 +1147,11 @@ async fn transmission(
     let session = Arc::new(session);
     let (mut reader, writer) = tokio::io::split(io);
     let (tx, rx) = mpsc::channel::<Outgoing>(state.max_in_flight);
-    let writer = tokio::spawn(write_replies(writer, rx));
+    let backlog = Arc::new(Backlog::default());
+    let writer = tokio::spawn(write_replies(writer, rx, backlog.clone()));
     let count = Arc::new(Semaphore::new(state.max_in_flight));
     let bytes = Arc::new(Semaphore::new(state.max_in_flight_bytes));
+    let pool = BufferPool::new(state.max_request as usize, state.max_in_flight_bytes);
     let mut decoder = RequestDecoder::new(state.max_request);
     let mut result = Ok(());
     'read: loop {
@@ -1123,8 +1185,15 @@ async fn transmission(
                 }
                 continue;
             }
+            tokio::select! {
+                () = backlog.admit() => {}
+                _ = shutdown.changed() => break 'read,
+                _ = tx.closed() => break 'read,
+            }
+            // A read holds the whole class of its pooled buffer (at most `max_request`).
             let cost = match request.command {
-                cmd::READ | cmd::WRITE => request.length.max(1),
+                cmd::READ if request.length > 0 => pool.class_of(request.length as usize) as u32,
+                cmd::WRITE => request.length.max(1),
                 _ => 1,
             };
             let count_permit = count.clone().acquire_owned().await.expect("never closed");
@@ -1134,9 +1203,18 @@ async fn transmission(
                 .await
                 .expect("never closed");
             let session = session.clone();
+            let pool = pool.clone();
+            let backlog = backlog.clone();
             let tx = tx.clone();
+            let reading = if request.command == cmd::READ {
+                request.length as usize
+            } else {
+                0
+            };
+            backlog.reading.fetch_add(reading, Ordering::AcqRel);
             tokio::spawn(async move {
-                let (head, data) = execute(request, &session).await;
+                let (head, data) = execute(request, &session, &pool).await;
+                backlog.finished(reading, data.as_ref().map_or(0, |d| d.as_ref().len()));
                 let _ = tx
                     .send(Outgoing {
                         head,
@@ -1181,21 +1259,80 @@ async fn transmission(
     result
 }
 
+/// Writes replies as they complete. Whatever is ready is sent together: with a vectored
+/// stream (TCP, UNIX socket) as one `writev` of every header and data buffer, without copying;
+/// otherwise small pieces are gathered in a buffer and large data is written directly.
 async fn write_replies(
-    writer: tokio::io::WriteHalf<BoxStream>,
+    mut writer: tokio::io::WriteHalf<BoxStream>,
     mut rx: mpsc::Receiver<Outgoing>,
+    backlog: Arc<Backlog>,
 ) -> std::io::Result<()> {
-    let mut writer = BufWriter::with_capacity(WRITE_BUFFER, writer);
-    while let Some(out) = rx.recv().await {
-        writer.write_all(&out.head).await?;
-        if let Some((data, start)) = &out.data {
-            writer.write_all(&data[*start..]).await?;
+    let vectored = writer.is_write_vectored();
+    let mut batch = Vec::with_capacity(WRITE_BATCH);
+    let mut staging = BytesMut::new();
+    while rx.recv_many(&mut batch, WRITE_BATCH).await > 0 {
+        if vectored {
+            write_vectored_batch(&mut writer, &batch).await?;
+        } else {
+            write_staged_batch(&mut writer, &batch, &mut staging).await?;
         }
-        drop(out);
-        if rx.is_empty() {
-            writer.flush().await?;
-        }
+        let sent = batch
+            .iter()
+            .filter_map(|out| out.data.as_ref())
+            .map(|data| data.as_ref().len())
+            .sum();
+        // Frees the buffers and the permits of the sent replies.
+        batch.clear();
+        backlog.sent(sent);
     }
     writer.flush().await?;
     writer.shutdown().await
+}
+
+async fn write_vectored_batch(
+    writer: &mut tokio::io::WriteHalf<BoxStream>,
+    batch: &[Outgoing],
+) -> std::io::Result<()> {
+    let mut slices = Vec::with_capacity(2 * batch.len());
+    for out in batch {
+        slices.push(IoSlice::new(&out.head));
+        if let Some(data) = &out.data {
+            slices.push(IoSlice::new(data.as_ref()));
+        }
+    }
+    let mut slices = &mut slices[..];
+    while !slices.is_empty() {
+        let n = writer.write_vectored(slices).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        IoSlice::advance_slices(&mut slices, n);
+    }
+    writer.flush().await
+}
+
+async fn write_staged_batch(
+    writer: &mut tokio::io::WriteHalf<BoxStream>,
+    batch: &[Outgoing],
+    staging: &mut BytesMut,
+) -> std::io::Result<()> {
+    let pieces = batch
+        .iter()
+        .flat_map(|out| [&out.head[..], out.data.as_ref().map_or(&[][..], |d| d.as_ref())]);
+    for piece in pieces {
+        if staging.len() + piece.len() > WRITE_BUFFER && !staging.is_empty() {
+            writer.write_all(staging).await?;
+            staging.clear();
+        }
+        if piece.len() >= WRITE_BUFFER {
+            writer.write_all(piece).await?;
+        } else {
+            staging.extend_from_slice(piece);
+        }
+    }
+    if !staging.is_empty() {
+        writer.write_all(staging).await?;
+        staging.clear();
+    }
+    writer.flush().await
 }
