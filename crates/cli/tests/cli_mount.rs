@@ -395,3 +395,16 @@ fn the_slice_frontend_serves_another_programs_memory() {
         b"hello from a program"
     );
 }
+
+/// Go: opening a mount hung forever when the connection failed. Here it fails at once and says
+/// why.
+#[test]
+fn mounting_an_unreachable_remote_fails_at_once_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let uri = format!("nbd://127.0.0.1:{}/x", free_port());
+    let started = Instant::now();
+    let (ok, _, stderr) = run(&["mount", &uri, dir.path().join("mnt").to_str().unwrap()]);
+    assert!(!ok);
+    assert!(stderr.contains("cannot connect to NBD server") && stderr.contains("refused"), "{stderr}");
+    assert!(started.elapsed() < Duration::from_secs(10), "took {:?}", started.elapsed());
+}
