@@ -47,16 +47,19 @@ fn nbdcopy(args: &[&str]) -> Duration {
 }
 
 /// Best (write, read) times over `runs` for each URI. The servers take turns within every
-/// run, so a burst of load on the machine hits both rather than one.
+/// run, so a burst of load on the machine hits both rather than one, and which one goes first
+/// alternates between runs (the one after the other may find the page cache or the CPU
+/// caches in a different state).
 fn measure(uris: [&str; 2], source: &Path, runs: usize) -> [(Duration, Duration); 2] {
     let source = source.to_str().unwrap();
     let mut best = [(Duration::MAX, Duration::MAX); 2];
-    for _ in 0..runs {
-        for (uri, best) in uris.iter().zip(&mut best) {
-            best.0 = best.0.min(nbdcopy(&[source, uri]));
+    for run in 0..runs {
+        let order = if run % 2 == 0 { [0, 1] } else { [1, 0] };
+        for i in order {
+            best[i].0 = best[i].0.min(nbdcopy(&[source, uris[i]]));
         }
-        for (uri, best) in uris.iter().zip(&mut best) {
-            best.1 = best.1.min(nbdcopy(&[uri, "null:"]));
+        for i in order {
+            best[i].1 = best[i].1.min(nbdcopy(&[uris[i], "null:"]));
         }
     }
     best

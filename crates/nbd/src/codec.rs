@@ -492,6 +492,10 @@ pub enum Payload {
     /// A write longer than the maximum payload: its data is being discarded as it arrives and
     /// the request must be answered with an error.
     Oversized,
+    /// The `length` bytes of a write's data follow in the stream, not decoded yet (only from
+    /// [`RequestDecoder::decode_header`]): the caller reads them, or discards them with
+    /// [`RequestDecoder::discard`], before it decodes the next request.
+    Follows,
 }
 
 /// One transmission request.
@@ -542,6 +546,28 @@ impl RequestDecoder {
 
     /// Decodes one request, or `Ok(None)` if more bytes are needed.
     pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Request>, CodecError> {
+        self.decode_frame(buf, true)
+    }
+
+    /// Decodes one request header, or `Ok(None)` if more bytes are needed. Unlike
+    /// [`decode`](Self::decode), a write within the cap leaves its data in the stream
+    /// ([`Payload::Follows`]), so the caller can read it straight into a buffer of its own
+    /// instead of growing `buf` to hold it. Oversized writes are skipped as with `decode`.
+    pub fn decode_header(&mut self, buf: &mut BytesMut) -> Result<Option<Request>, CodecError> {
+        self.decode_frame(buf, false)
+    }
+
+    /// Discards the next `len` bytes of the stream as they arrive (the payload of a write
+    /// returned with [`Payload::Follows`] that the caller does not want).
+    pub fn discard(&mut self, len: u64) {
+        self.skip += len;
+    }
+
+    fn decode_frame(
+        &mut self,
+        buf: &mut BytesMut,
+        with_payload: bool,
+    ) -> Result<Option<Request>, CodecError> {
         if !skip(&mut self.skip, buf) {
             return Ok(None);
         }
@@ -569,6 +595,9 @@ impl RequestDecoder {
             self.skip = u64::from(length);
             skip(&mut self.skip, buf);
             Payload::Oversized
+        } else if !with_payload {
+            buf.advance(wire::REQUEST_HEADER_LEN);
+            Payload::Follows
         } else {
             let total = wire::REQUEST_HEADER_LEN + length as usize;
             if buf.len() < total {
@@ -783,6 +812,42 @@ mod tests {
         assert_eq!(request.offset, 4096);
         assert_eq!(request.payload, Payload::Data(Bytes::from_static(b"abcd")));
         assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn decode_header_leaves_the_write_payload_in_the_stream() {
+        let mut buf = request_bytes(cmd::WRITE, 4, b"abcd");
+        let mut decoder = RequestDecoder::new(1024);
+        let request = decoder.decode_header(&mut buf).unwrap().unwrap();
+        assert_eq!((request.command, request.length), (cmd::WRITE, 4));
+        assert_eq!(request.payload, Payload::Follows);
+        assert_eq!(&buf[..], b"abcd");
+        // A header alone is enough, the payload need not have arrived.
+        let mut buf = request_bytes(cmd::WRITE, 1000, &[]);
+        let request = decoder.decode_header(&mut buf).unwrap().unwrap();
+        assert_eq!(request.payload, Payload::Follows);
+        assert!(buf.is_empty());
+        // Oversized writes are still skipped by the decoder.
+        let mut buf = request_bytes(cmd::WRITE, 2000, &[9u8; 10]);
+        let request = decoder.decode_header(&mut buf).unwrap().unwrap();
+        assert_eq!(request.payload, Payload::Oversized);
+        assert_eq!(decoder.skipping(), 1990);
+    }
+
+    #[test]
+    fn discarded_payload_is_skipped_before_the_next_request() {
+        let mut buf = request_bytes(cmd::WRITE, 6, b"abc");
+        let mut decoder = RequestDecoder::new(1024);
+        let request = decoder.decode_header(&mut buf).unwrap().unwrap();
+        decoder.discard(u64::from(request.length));
+        assert_eq!(decoder.decode_header(&mut buf), Ok(None));
+        assert!(buf.is_empty());
+        assert_eq!(decoder.skipping(), 3);
+        let mut rest = BytesMut::from(&b"def"[..]);
+        rest.extend_from_slice(&request_bytes(cmd::FLUSH, 0, &[]));
+        let request = decoder.decode_header(&mut rest).unwrap().unwrap();
+        assert_eq!(request.command, cmd::FLUSH);
+        assert!(rest.is_empty());
     }
 
     #[test]

@@ -1,8 +1,8 @@
-//! Reusable buffers for the data of read replies, so a read neither allocates nor zeroes
-//! memory (and takes no page faults) once the connection is warm.
+//! Reusable buffers for the data of read replies and write requests, so neither allocates nor
+//! zeroes memory (and takes no page faults) once the connection is warm.
 //!
 //! Buffers come in size classes: powers of two from [`MIN_CLASS`], capped at the largest
-//! request. A read of `n` bytes takes a buffer of class `class_of(n)` and accounts for the
+//! request. A read or write of `n` bytes takes a buffer of class `class_of(n)` and accounts for the
 //! whole class in the connection's in-flight byte budget, so buffers in use never exceed the
 //! budget. Idle buffers stay in the pool; before a new buffer is allocated, idle buffers are
 //! freed until in-use plus idle plus the new one fit in the same budget. The memory the pool
@@ -15,7 +15,7 @@ use parking_lot::Mutex;
 /// Smallest buffer class (one page).
 pub(crate) const MIN_CLASS: usize = 4096;
 
-/// Buffers of one connection's read replies.
+/// Data buffers of one connection's reads and writes.
 #[derive(Debug)]
 pub(crate) struct BufferPool {
     /// Largest payload of one request (the largest class).

@@ -7,21 +7,28 @@
 //! replies. A reply is built completely (a read's data is in memory) before its header is
 //! written, so a backend error becomes an error reply and never desynchronises the stream.
 //!
-//! Reads are the hot path. Their data goes into buffers reused from a per-connection pool
-//! (`pool`: no allocation, zeroing or page faults per request, memory within the in-flight byte
-//! budget); the writer sends every ready header and data buffer with one vectored write (no
-//! copy); and the reader stops taking requests while too much read data waits for the socket
-//! ([`Backlog`]), so the data is still in the CPU caches when the kernel copies it.
+//! Reads and writes are the hot path, and both keep their data in buffers reused from a
+//! per-connection pool (`pool`: no allocation, zeroing or page faults per request, memory
+//! within the in-flight byte budget). For reads, the writer sends every ready header and data
+//! buffer with one vectored write (no copy), and the reader stops taking requests while too
+//! much read data waits for the socket ([`Backlog`]), so the data is still in the CPU caches
+//! when the kernel copies it. For writes, the reader buffers only request headers; a write's
+//! data is read from the socket straight into a pooled buffer of its size, and the write runs
+//! right there on the reader's thread if the backend completes it without waiting (memory,
+//! page cache), so the backend copies data that is still in this CPU's cache. A write that has
+//! to wait (a remote backend) continues as its own task like every other request.
 
 use std::future::Future;
 use std::io::IoSlice;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use r3map_core::SharedBackend;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, UnixListener};
@@ -43,8 +50,9 @@ const WRITE_BUFFER: usize = 256 << 10;
 const BACKLOG_HIGH: usize = 2 << 20;
 /// Replies sent with one write at most.
 const WRITE_BATCH: usize = 64;
-/// Smallest read from the socket in the transmission phase.
-const READ_CHUNK: usize = 128 << 10;
+/// Read from the socket for request headers. A write's data goes straight into its own
+/// buffer; only the part that arrived with its header is copied out of this one.
+const READ_CHUNK: usize = 16 << 10;
 
 /// A byte stream a connection runs over (TCP, UNIX socket, TLS, or an in-memory pipe in tests).
 pub trait AsyncStream: AsyncRead + AsyncWrite + Unpin + Send {}
@@ -1046,8 +1054,14 @@ fn ok_reply(handle: u64, structured: bool) -> Bytes {
 }
 
 /// Runs one validated request against the backend and builds its reply. A read's data goes
-/// into a buffer from `pool`, whose class the caller holds in its byte permit.
-async fn execute(request: Request, session: &Session, pool: &Arc<BufferPool>) -> (Bytes, Option<PooledBuf>) {
+/// into a buffer from `pool`, whose class the caller holds in its byte permit; a write's data
+/// is `payload` (`None` for an empty write).
+async fn execute(
+    request: Request,
+    payload: Option<PooledBuf>,
+    session: &Session,
+    pool: &Arc<BufferPool>,
+) -> (Bytes, Option<PooledBuf>) {
     let backend = &session.export.backend;
     let structured = session.structured;
     let fua = request.flags & cmd_flags::FUA != 0;
@@ -1077,10 +1091,11 @@ async fn execute(request: Request, session: &Session, pool: &Arc<BufferPool>) ->
             }
         }
         cmd::WRITE => {
-            let Payload::Data(data) = &request.payload else {
-                unreachable!("checked by the decoder and check_request");
-            };
-            match backend.write_at(offset, data).await {
+            let data = payload.as_ref().map_or(&[][..], |data| data.as_ref());
+            let written = backend.write_at(offset, data).await;
+            // Back to the pool before the (possibly slow) sync.
+            drop(payload);
+            match written {
                 Ok(()) if fua => backend.sync().await,
                 other => other,
             }
@@ -1156,7 +1171,7 @@ async fn transmission(
     let mut result = Ok(());
     'read: loop {
         loop {
-            let request = match decoder.decode(&mut buf) {
+            let request = match decoder.decode_header(&mut buf) {
                 Ok(Some(request)) => request,
                 Ok(None) => break,
                 Err(err) => {
@@ -1167,7 +1182,11 @@ async fn transmission(
             if request.command == cmd::DISC {
                 break 'read;
             }
+            let follows = request.payload == Payload::Follows;
             if let Err(refusal) = check_request(&request, &session, state.max_request) {
+                if follows {
+                    decoder.discard(u64::from(request.length));
+                }
                 tracing::debug!(handle = request.handle, message = %refusal.message, "request refused");
                 let head = error_reply(
                     request.handle,
@@ -1190,10 +1209,10 @@ async fn transmission(
                 _ = shutdown.changed() => break 'read,
                 _ = tx.closed() => break 'read,
             }
-            // A read holds the whole class of its pooled buffer (at most `max_request`).
+            // A read or write holds the whole class of its pooled buffer (at most
+            // `max_request`).
             let cost = match request.command {
-                cmd::READ if request.length > 0 => pool.class_of(request.length as usize) as u32,
-                cmd::WRITE => request.length.max(1),
+                cmd::READ | cmd::WRITE if request.length > 0 => pool.class_of(request.length as usize) as u32,
                 _ => 1,
             };
             let count_permit = count.clone().acquire_owned().await.expect("never closed");
@@ -1202,6 +1221,29 @@ async fn transmission(
                 .acquire_many_owned(cost)
                 .await
                 .expect("never closed");
+            let payload = if follows && request.length > 0 {
+                let mut data = pool.take(request.length as usize);
+                let target = data.as_mut_slice();
+                let buffered = buf.len().min(target.len());
+                target[..buffered].copy_from_slice(&buf[..buffered]);
+                buf.advance(buffered);
+                let read = tokio::select! {
+                    read = reader.read_exact(&mut target[buffered..]) => read,
+                    _ = shutdown.changed() => break 'read,
+                    _ = tx.closed() => break 'read,
+                };
+                if let Err(err) = read {
+                    result = Err(if err.kind() == std::io::ErrorKind::UnexpectedEof {
+                        ConnectionError::Truncated
+                    } else {
+                        err.into()
+                    });
+                    break 'read;
+                }
+                Some(data)
+            } else {
+                None
+            };
             let session = session.clone();
             let pool = pool.clone();
             let backlog = backlog.clone();
@@ -1212,8 +1254,9 @@ async fn transmission(
                 0
             };
             backlog.reading.fetch_add(reading, Ordering::AcqRel);
-            tokio::spawn(async move {
-                let (head, data) = execute(request, &session, &pool).await;
+            let is_write = request.command == cmd::WRITE;
+            let mut task = Box::pin(async move {
+                let (head, data) = execute(request, payload, &session, &pool).await;
                 backlog.finished(reading, data.as_ref().map_or(0, |d| d.as_ref().len()));
                 let _ = tx
                     .send(Outgoing {
@@ -1223,9 +1266,14 @@ async fn transmission(
                     })
                     .await;
             });
+            // A write's data was just received on this thread and is in its cache: a backend
+            // that completes at once (local memory or page cache) copies it here. One that
+            // must wait (a remote backend) continues as its own task, as every other request.
+            if !is_write || poll_once(task.as_mut()).await.is_pending() {
+                tokio::spawn(task);
+            }
         }
-        let want = decoder.needed(&buf).max(READ_CHUNK);
-        buf.reserve(want);
+        buf.reserve(READ_CHUNK);
         let read = tokio::select! {
             read = reader.read_buf(&mut buf) => read,
             _ = shutdown.changed() => break 'read,
@@ -1257,6 +1305,11 @@ async fn transmission(
         Err(join) => std::panic::resume_unwind(join.into_panic()),
     }
     result
+}
+
+/// Polls `future` once from the calling task.
+async fn poll_once<F: Future + Unpin>(mut future: F) -> Poll<F::Output> {
+    std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut future).poll(cx))).await
 }
 
 /// Writes replies as they complete. Whatever is ready is sent together: with a vectored

@@ -431,6 +431,35 @@ async fn backend_errors_become_error_replies_without_desync() {
 }
 
 #[tokio::test]
+async fn write_payloads_arriving_in_pieces_are_stored_whole() {
+    let backend = memory();
+    let mut raw = connect(config_for(backend.clone())).await;
+    raw.go("disk", false).await;
+    let data: Vec<u8> = (0..4096u32).map(|i| (i % 251) as u8).collect();
+    // The header alone, then the payload in pieces, the last one together with the next
+    // request's header and the start of its payload.
+    raw.request(0, cmd::WRITE, 1, 4096, 4096).await;
+    raw.send(&data[..1]).await;
+    raw.send(&data[1..3000]).await;
+    let mut tail = data[3000..].to_vec();
+    let mut next = BytesMut::new();
+    codec::encode_request(&mut next, 0, cmd::WRITE, 2, 0, 100);
+    tail.extend_from_slice(&next);
+    tail.extend_from_slice(&data[..60]);
+    raw.send(&tail).await;
+    raw.send(&data[60..100]).await;
+    let mut replies = [raw.simple().await, raw.simple().await];
+    replies.sort_unstable();
+    assert_eq!(replies, [(1, 0), (2, 0)]);
+    let mut stored = vec![0u8; 8192];
+    backend.read_at(0, &mut stored).await.unwrap();
+    assert_eq!(&stored[..100], &data[..100]);
+    assert!(stored[100..4096].iter().all(|&b| b == 0));
+    assert_eq!(&stored[4096..], &data[..]);
+    raw.disconnect().await;
+}
+
+#[tokio::test]
 async fn pipelined_requests_are_all_answered_by_handle() {
     let backend = memory();
     backend
