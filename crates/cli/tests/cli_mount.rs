@@ -405,6 +405,13 @@ fn mounting_an_unreachable_remote_fails_at_once_with_the_reason() {
     let started = Instant::now();
     let (ok, _, stderr) = run(&["mount", &uri, dir.path().join("mnt").to_str().unwrap()]);
     assert!(!ok);
-    assert!(stderr.contains("cannot connect to NBD server") && stderr.contains("refused"), "{stderr}");
-    assert!(started.elapsed() < Duration::from_secs(10), "took {:?}", started.elapsed());
+    assert!(
+        stderr.contains("cannot connect to NBD server") && stderr.contains("refused"),
+        "{stderr}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        started.elapsed()
+    );
 }
