@@ -360,14 +360,8 @@ fn the_slice_frontend_serves_another_programs_memory() {
     ]);
     mount.wait_for("mounted ", LONG);
 
-    let client = std::path::Path::new(env!("CARGO_BIN_EXE_r3map"))
-        .with_file_name("examples")
-        .join("slice_client");
-    assert!(
-        client.exists(),
-        "examples/slice_client is built with the tests ({})",
-        client.display()
-    );
+    let client =
+        r3map_core::testing::example_binary(env!("CARGO"), env!("CARGO_MANIFEST_DIR"), "slice_client");
     let output = Command::new(&client)
         .args([
             socket.to_str().unwrap(),

@@ -316,3 +316,31 @@ pub fn skip(reason: &str) {
         }
     }
 }
+
+/// The path of example `name` of the package at `manifest_dir`, built next to the running test
+/// binary. `cargo test` and `cargo nextest` build examples already; when only one test target
+/// was built, this builds the example the same way (same target directory and profile).
+/// Call as `example_binary(env!("CARGO"), env!("CARGO_MANIFEST_DIR"), "name")`.
+pub fn example_binary(cargo: &str, manifest_dir: &str, name: &str) -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("the test binary's path");
+    // Test binaries live in target/<profile>/deps; examples in target/<profile>/examples.
+    let profile_dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target/<profile>/deps");
+    let binary = profile_dir.join("examples").join(name);
+    if !binary.exists() {
+        let mut build = std::process::Command::new(cargo);
+        build
+            .args(["build", "--example", name, "--manifest-path"])
+            .arg(std::path::Path::new(manifest_dir).join("Cargo.toml"))
+            .arg("--target-dir")
+            .arg(profile_dir.parent().expect("target directory"));
+        if profile_dir.file_name().is_some_and(|p| p == "release") {
+            build.arg("--release");
+        }
+        let status = build.status().expect("run cargo to build the example");
+        assert!(status.success(), "building example {name} failed");
+    }
+    binary
+}

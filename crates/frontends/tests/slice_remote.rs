@@ -12,23 +12,7 @@ use common::{PatternBackend, PAGE};
 use r3map_frontends::slice::{RegionOptions, RemoteRegion, RemoteRequest, TrackingMode};
 
 fn client_binary() -> std::path::PathBuf {
-    // Integration tests live in target/<profile>/deps; `cargo test` builds examples next door.
-    // When only this test was built, build the example the same way.
-    let exe = std::env::current_exe().unwrap();
-    let profile_dir = exe.parent().unwrap().parent().unwrap();
-    let client = profile_dir.join("examples/uffd_client");
-    if !client.exists() {
-        let mut cmd = std::process::Command::new(env!("CARGO"));
-        cmd.args(["build", "--example", "uffd_client", "--manifest-path"])
-            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml"))
-            .arg("--target-dir")
-            .arg(profile_dir.parent().unwrap());
-        if profile_dir.file_name().unwrap() == "release" {
-            cmd.arg("--release");
-        }
-        assert!(cmd.status().unwrap().success(), "building examples/uffd_client");
-    }
-    client
+    r3map_core::testing::example_binary(env!("CARGO"), env!("CARGO_MANIFEST_DIR"), "uffd_client")
 }
 
 #[test]

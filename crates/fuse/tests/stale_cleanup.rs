@@ -6,34 +6,10 @@ mod common;
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use r3map_core::MemoryBackend;
-use r3map_fuse::{clean, find_stale, DiskMount, StaleItem};
-
-const HELPER_DIR: &str = "R3MAP_FUSE_HELPER_DIR";
-
-/// Run by `stale_mount_of_a_killed_process_is_found_and_cleaned` in a child process: opens a
-/// disk, says where, and waits to be killed.
-#[test]
-#[ignore = "helper process of stale_mount_of_a_killed_process_is_found_and_cleaned"]
-fn helper_open_disk_and_wait() {
-    let dir = std::env::var(HELPER_DIR).expect("only run as a helper process");
-    let rt = runtime();
-    let disk = DiskMount::open(
-        Arc::new(MemoryBackend::new(8 << 20)),
-        &dir,
-        "disk",
-        rt.handle().clone(),
-    )
-    .expect("open the disk");
-    println!("READY {}", disk.path().display());
-    let mut line = String::new();
-    let _ = std::io::stdin().read_line(&mut line);
-    panic!("the helper should have been killed");
-}
+use r3map_fuse::{clean, find_stale, StaleItem};
 
 /// Kills the helper and removes its leftovers if the test fails half-way.
 struct Cleanup {
@@ -56,9 +32,10 @@ fn stale_mount_of_a_killed_process_is_found_and_cleaned() {
     }
     let dir = scratch();
     let mountpoint = subdir(dir.path(), "fuse").canonicalize().unwrap();
-    let child = Command::new(std::env::current_exe().unwrap())
-        .args(["helper_open_disk_and_wait", "--exact", "--ignored", "--nocapture"])
-        .env(HELPER_DIR, &mountpoint)
+    let helper =
+        r3map_core::testing::example_binary(env!("CARGO"), env!("CARGO_MANIFEST_DIR"), "open_disk_and_wait");
+    let child = Command::new(helper)
+        .arg(&mountpoint)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
