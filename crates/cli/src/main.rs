@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 mod commands;
+mod demo;
 mod progress;
 mod remote;
 

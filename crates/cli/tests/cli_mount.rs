@@ -8,14 +8,9 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::{have_fuse, mounted_path, run, serve, Proc};
+use r3map_core::testing::pattern;
 
 const LONG: Duration = Duration::from_secs(60);
-
-fn pattern(seed: u8, len: usize) -> Vec<u8> {
-    (0..len)
-        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
-        .collect()
-}
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

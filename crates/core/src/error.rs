@@ -78,23 +78,12 @@ impl Error {
     /// The errno a kernel-facing frontend (FUSE, NBD, userfaultfd) reports for this error.
     pub fn errno(&self) -> i32 {
         match self {
-            Error::OutOfBounds { .. } | Error::Unaligned { .. } | Error::InvalidConfig(_) => {
-                libc_errno::EINVAL
-            }
-            Error::TooLarge { .. } => libc_errno::EOVERFLOW,
-            Error::ReadOnly => libc_errno::EPERM,
-            Error::Closed => libc_errno::ESHUTDOWN,
-            Error::Timeout(_) | Error::Remote(_) => libc_errno::EIO,
-            Error::Io(err) => err.raw_os_error().unwrap_or(libc_errno::EIO),
+            Error::OutOfBounds { .. } | Error::Unaligned { .. } | Error::InvalidConfig(_) => libc::EINVAL,
+            Error::TooLarge { .. } => libc::EOVERFLOW,
+            Error::ReadOnly => libc::EPERM,
+            Error::Closed => libc::ESHUTDOWN,
+            Error::Timeout(_) | Error::Remote(_) => libc::EIO,
+            Error::Io(err) => err.raw_os_error().unwrap_or(libc::EIO),
         }
     }
-}
-
-/// The few errno values used here (Linux numbering), so the core needs no libc dependency.
-mod libc_errno {
-    pub const EPERM: i32 = 1;
-    pub const EIO: i32 = 5;
-    pub const EINVAL: i32 = 22;
-    pub const EOVERFLOW: i32 = 75;
-    pub const ESHUTDOWN: i32 = 108;
 }

@@ -140,16 +140,7 @@ pub async fn run(args: Args) -> Result<()> {
 
 /// A memory remote filled with reproducible demo data.
 async fn embedded_remote(size: u64, seed: u64) -> Result<SharedBackend> {
-    let remote = MemoryBackend::new(size);
-    let mut piece = vec![0u8; (8 << 20).min(size as usize)];
-    let mut offset = 0;
-    while offset < size {
-        let n = piece.len().min((size - offset) as usize);
-        rand::rngs::SmallRng::seed_from_u64(seed ^ offset).fill(&mut piece[..n]);
-        remote.write_at(offset, &piece[..n]).await?;
-        offset += n as u64;
-    }
-    Ok(Arc::new(remote))
+    Ok(Arc::new(crate::demo::memory(size, seed).await?))
 }
 
 /// Random unaligned writes covering about `percent`% of the resource; returns (bytes, count).

@@ -13,7 +13,6 @@ use r3map_fuse::{DiskMount, FileMount};
 use super::slice_server::SliceServer;
 use r3map_mount::{format_bytes, parse_duration, parse_size, ManagedMount, ManagedOptions, PersistentCache};
 use r3map_nbd::{Export, Server, ServerConfig};
-use rand::{Rng, SeedableRng};
 
 use crate::progress::throughput;
 
@@ -336,6 +335,10 @@ async fn show_pull_progress(mount: &ManagedMount) {
 /// Signals after which a mount that cannot flush gives up and detaches.
 const GIVE_UP_AFTER: u32 = 3;
 
+/// Size and seed of the demo remote's data.
+const DEMO_SIZE: u64 = 256 << 20;
+const DEMO_SEED: u64 = 1;
+
 /// Where the demo writes (offset, length).
 const DEMO_WRITE: (u64, u64) = (100 << 20, 16 << 20);
 
@@ -345,14 +348,7 @@ fn demo_pattern() -> Vec<u8> {
 
 /// An in-process NBD server with demo data on loopback; returns its URI and its export.
 async fn demo_server() -> Result<(String, SharedBackend)> {
-    let size = 256 << 20;
-    let export = MemoryBackend::new(size);
-    let mut piece = vec![0u8; 8 << 20];
-    for (i, offset) in (0..size).step_by(piece.len()).enumerate() {
-        rand::rngs::SmallRng::seed_from_u64(i as u64).fill(&mut piece[..]);
-        export.write_at(offset, &piece).await?;
-    }
-    let export: SharedBackend = Arc::new(export);
+    let export: SharedBackend = Arc::new(crate::demo::memory(DEMO_SIZE, DEMO_SEED).await?);
     let server = Server::bind_tcp(
         ServerConfig::new(vec![Export::new("demo", export.clone())]),
         "127.0.0.1:0",
@@ -375,10 +371,10 @@ async fn demo_checks(path: &Path, size: u64) -> Result<(String, u64)> {
         use std::os::unix::fs::FileExt;
         let file = std::fs::OpenOptions::new().read(true).write(true).open(&path)?;
         let started = Instant::now();
-        let (mut got, mut expected) = (vec![0u8; 8 << 20], vec![0u8; 8 << 20]);
+        let (mut got, mut expected) = (vec![0u8; crate::demo::PIECE], vec![0u8; crate::demo::PIECE]);
         for (i, offset) in (0..size).step_by(got.len()).enumerate() {
             file.read_exact_at(&mut got, offset)?;
-            rand::rngs::SmallRng::seed_from_u64(i as u64).fill(&mut expected[..]);
+            crate::demo::fill_piece(DEMO_SEED, i as u64, &mut expected[..]);
             if got != expected {
                 bail!("the mounted file differs from the demo data near byte {offset}");
             }

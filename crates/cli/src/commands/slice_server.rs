@@ -21,7 +21,6 @@ use tokio::runtime::Handle;
 /// Accepts programs on a UNIX socket until dropped (then the socket file is removed).
 pub struct SliceServer {
     path: PathBuf,
-    accept_thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl SliceServer {
@@ -29,7 +28,7 @@ impl SliceServer {
     pub fn start(backend: SharedBackend, path: &Path, runtime: Handle) -> Result<Self> {
         let listener =
             UnixListener::bind(path).with_context(|| format!("cannot listen on {}", path.display()))?;
-        let accept_thread = std::thread::spawn(move || {
+        std::thread::spawn(move || {
             for stream in listener.incoming() {
                 let Ok(stream) = stream else { break };
                 let (backend, runtime) = (backend.clone(), runtime.clone());
@@ -42,7 +41,6 @@ impl SliceServer {
         });
         Ok(Self {
             path: path.to_path_buf(),
-            accept_thread: Some(accept_thread),
         })
     }
 
@@ -57,7 +55,6 @@ impl Drop for SliceServer {
         // New programs cannot find the socket any more; the accept thread stays parked in
         // accept() until the process exits (programs already connected keep being served).
         let _ = std::fs::remove_file(&self.path);
-        drop(self.accept_thread.take());
     }
 }
 

@@ -45,12 +45,9 @@ async fn stop_running(target: &std::path::Path, timeout: Duration) -> Result<()>
         return clean_stale();
     }
     let pid = mount.pid.context("the mount does not name its process")?;
-    let status = std::process::Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()?;
-    if !status.success() {
-        bail!("cannot signal process {pid}");
-    }
+    let process = nix::unistd::Pid::from_raw(i32::try_from(pid).context("process id out of range")?);
+    nix::sys::signal::kill(process, nix::sys::signal::Signal::SIGTERM)
+        .with_context(|| format!("cannot signal process {pid}"))?;
     let deadline = Instant::now() + timeout;
     while r3map_fuse::stale::r3map_mounts()?
         .iter()
