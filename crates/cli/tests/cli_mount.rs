@@ -404,3 +404,26 @@ fn mounting_an_unreachable_remote_fails_at_once_with_the_reason() {
         started.elapsed()
     );
 }
+
+/// `r3map umount TARGET` asks the running mount to flush, push and unmount, and waits for it.
+#[test]
+fn umount_of_a_running_mount_waits_for_it_to_finish() {
+    if !have_fuse() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (server, uri) = serve("disk=memory:4MiB", "127.0.0.1:0", &[]);
+    let mnt = dir.path().join("mnt");
+    let mut mount = Proc::start(&["mount", &uri, mnt.to_str().unwrap(), "--managed"]);
+    mount.wait_for("mounted ", LONG);
+    let (ok, _, stderr) = run(&["umount", mnt.to_str().unwrap()]);
+    assert!(ok && stderr.contains("flushed and pushed"), "{stderr}");
+    mount.wait_for("unmounted after", LONG);
+    assert!(
+        mount.terminate(LONG),
+        "the mount process did not exit cleanly after umount"
+    );
+    let (ok, _, stderr) = run(&["umount", mnt.to_str().unwrap()]);
+    assert!(!ok && stderr.contains("is not an r3map mount"), "{stderr}");
+    assert!(server.terminate(LONG));
+}

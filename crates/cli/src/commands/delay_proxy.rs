@@ -30,6 +30,7 @@ pub struct Args {
 }
 
 pub async fn run(args: Args) -> Result<()> {
+    let mut signals = crate::ShutdownSignals::catch()?;
     let config = DelayConfig {
         rtt: args.rtt,
         rate: args.rate,
@@ -46,6 +47,6 @@ pub async fn run(args: Args) -> Result<()> {
         args.upstream,
         args.rtt
     );
-    crate::shutdown_signal().await;
+    signals.recv().await;
     Ok(())
 }

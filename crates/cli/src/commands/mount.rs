@@ -166,6 +166,7 @@ fn refuse_if_mounted(device: &Path) -> Result<()> {
 }
 
 pub async fn run(args: Args) -> Result<()> {
+    let mut signals = crate::ShutdownSignals::catch()?;
     // Refuse a frontend this kernel cannot offer before doing any work.
     match args.frontend {
         Frontend::Nbd => drop(check_nbd_support()?),
@@ -227,10 +228,15 @@ pub async fn run(args: Args) -> Result<()> {
         mounted.path().display()
     );
 
+    // A signal during the background pull stops waiting for it and goes straight to unmounting.
+    let mut signalled = false;
     if let Some(mount) = &managed {
-        show_pull_progress(mount).await;
+        tokio::select! {
+            _ = show_pull_progress(mount) => {}
+            _ = signals.recv() => signalled = true,
+        }
     }
-    if let (Some(export), false) = (demo_export, args.hold) {
+    if let (Some(export), false, false) = (demo_export, args.hold, signalled) {
         let outcome = demo_checks(mounted.path(), size).await;
         finish(&mut mounted, managed, started).await?;
         let (read, written) = outcome?;
@@ -251,7 +257,9 @@ pub async fn run(args: Args) -> Result<()> {
     }
     eprintln!("Ctrl-C or SIGTERM flushes, pushes and unmounts");
     for attempt in 1..=GIVE_UP_AFTER {
-        crate::shutdown_signal().await;
+        if attempt > 1 || !signalled {
+            signals.recv().await;
+        }
         match mounted.close().await {
             Ok(()) => return finish(&mut mounted, managed, started).await,
             Err(err) if attempt < GIVE_UP_AFTER => eprintln!(

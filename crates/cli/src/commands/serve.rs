@@ -49,6 +49,7 @@ pub struct Args {
 }
 
 pub async fn run(args: Args) -> Result<()> {
+    let mut signals = crate::ShutdownSignals::catch()?;
     let mut exports = Vec::new();
     for text in &args.exports {
         let (name, spec) = match text.split_once('=') {
@@ -92,7 +93,7 @@ pub async fn run(args: Args) -> Result<()> {
     }
     eprintln!("Ctrl-C or SIGTERM stops the server after flushing every export");
     server
-        .serve(crate::shutdown_signal())
+        .serve(async move { signals.recv().await })
         .await
         .context("the server stopped with an error")?;
     eprintln!("flushed every export; stopped");

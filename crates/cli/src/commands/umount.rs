@@ -49,10 +49,17 @@ async fn stop_running(target: &std::path::Path, timeout: Duration) -> Result<()>
     nix::sys::signal::kill(process, nix::sys::signal::Signal::SIGTERM)
         .with_context(|| format!("cannot signal process {pid}"))?;
     let deadline = Instant::now() + timeout;
-    while r3map_fuse::stale::r3map_mounts()?
-        .iter()
-        .any(|m| m.mountpoint == target)
+    while let Some(mount) = r3map_fuse::stale::r3map_mounts()?
+        .into_iter()
+        .find(|m| m.mountpoint == target)
     {
+        if !mount.alive {
+            eprintln!(
+                "process {pid} died before unmounting {}; cleaning up",
+                target.display()
+            );
+            return clean_stale();
+        }
         if Instant::now() > deadline {
             bail!(
                 "process {pid} has not unmounted {} after {timeout:?}; is the file busy?",
