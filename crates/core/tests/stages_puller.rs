@@ -168,3 +168,16 @@ proptest::proptest! {
         });
     }
 }
+
+/// Chunk numbers given by callers past the end are ignored, never a panic.
+#[tokio::test]
+async fn chunk_numbers_past_the_end_are_ignored() {
+    let (synced, _, _) = recording_synced(4).await;
+    synced.mark_local([2, 4, u64::MAX]);
+    synced.mark_remote(&[2, 99]).await;
+    assert_eq!(synced.local_count(), 0);
+    let remote: SharedBackend = Arc::new(MemoryBackend::new(4 * CHUNK));
+    let pusher = r3map_core::stages::Pusher::start(synced, remote, CHUNK, Default::default()).unwrap();
+    pusher.mark_dirty([1, 4, 1000]);
+    assert_eq!(pusher.dirty_count(), 1);
+}

@@ -1124,9 +1124,10 @@ impl RegionHandle {
     }
 
     /// Declares chunks to be all zeros (e.g. holes the backend reported): they are installed
-    /// with the zero page, without a fetch.
+    /// with the zero page, without a fetch. Chunks past the end are ignored.
     pub fn mark_zero(&self, chunks: impl IntoIterator<Item = u64>) {
-        for chunk in chunks {
+        let count = self.inner.layout.chunk_count();
+        for chunk in chunks.into_iter().filter(|&c| c < count) {
             self.inner.known_zero.set(chunk);
         }
     }
@@ -1157,9 +1158,11 @@ impl RegionHandle {
         self.inner.take_dirty()
     }
 
-    /// Marks chunks dirty again (e.g. after a failed write-back).
+    /// Marks chunks dirty again (e.g. after a failed write-back). Chunks past the end are
+    /// ignored.
     pub fn mark_dirty(&self, chunks: impl IntoIterator<Item = u64>) {
-        for chunk in chunks {
+        let count = self.inner.layout.chunk_count();
+        for chunk in chunks.into_iter().filter(|&c| c < count) {
             self.inner.extra_dirty.set(chunk);
         }
     }

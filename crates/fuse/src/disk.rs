@@ -13,7 +13,8 @@ use crate::loopdev::{LoopDevice, LoopOptions};
 /// A backend as a block device: a [`FileMount`] plus a loop device bound to its file.
 ///
 /// Close it with [`DiskMount::close`]: it flushes and detaches the loop device, then unmounts
-/// the file. Dropping it detaches and unmounts too (lazily when busy), without reporting errors.
+/// the file. Dropping it detaches and unmounts too (lazily when busy), without reporting errors
+/// and without syncing the backend — close it for durability.
 #[derive(Debug)]
 pub struct DiskMount {
     // Field order matters for Drop: the loop device goes before the file it uses.
@@ -108,8 +109,9 @@ impl DiskMount {
 
     /// Flushes and detaches the loop device, then unmounts the file (see
     /// [`FileMount::unmount`]). If the device is mounted or the file is still in use, fails
-    /// with [`FuseError::Busy`] and keeps everything up: nothing is lost, and `close` can be
-    /// called again.
+    /// with [`FuseError::Busy`]; nothing is lost, and `close` can be called again. A filesystem
+    /// mounted on the device is detected before anything changes; a file still open elsewhere
+    /// is found only after the loop device was detached, which then stays detached.
     pub async fn close(&mut self) -> Result<()> {
         if self.device.is_attached() || self.file.is_mounted() {
             let runtime = self.file_runtime();

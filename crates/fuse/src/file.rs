@@ -465,7 +465,7 @@ fn check_name(name: &str) -> Result<()> {
 
 /// A mounted file frontend. Unmount it with [`FileMount::unmount`] (or
 /// [`FileMount::unmount_blocking`]); dropping it unmounts too, lazily if the file is busy,
-/// without reporting errors.
+/// without reporting errors and without syncing the backend — unmount for durability.
 pub struct FileMount {
     mountpoint: PathBuf,
     path: PathBuf,

@@ -152,9 +152,11 @@ impl Pusher {
     }
 
     /// Marks chunks dirty that were written behind this stage's back (e.g. through a mapped
-    /// memory region whose writes are found by dirty-page scanning).
+    /// memory region whose writes are found by dirty-page scanning). Chunks past the end are
+    /// ignored.
     pub fn mark_dirty(&self, chunks: impl IntoIterator<Item = u64>) {
-        for chunk in chunks {
+        let count = self.shared.layout.chunk_count();
+        for chunk in chunks.into_iter().filter(|&c| c < count) {
             self.shared.dirty.set(chunk);
         }
     }

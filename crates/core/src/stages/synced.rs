@@ -119,18 +119,20 @@ impl Synced {
     }
 
     /// Marks chunks as remote again, so the next read re-fetches them (used by a migration
-    /// destination for chunks the source wrote after sending them).
+    /// destination for chunks the source wrote after sending them). Chunks past the end are
+    /// ignored.
     pub async fn mark_remote(&self, chunks: &[u64]) {
-        for &chunk in chunks {
+        for &chunk in chunks.iter().filter(|&&c| c < self.layout.chunk_count()) {
             let _guard = self.locks.lock(chunk).await;
             self.local_chunks.clear(chunk);
         }
     }
 
     /// Marks chunks as local without fetching (the caller knows the cache holds them, e.g.
-    /// after re-opening a persistent cache).
+    /// after re-opening a persistent cache). Chunks past the end are ignored.
     pub fn mark_local(&self, chunks: impl IntoIterator<Item = u64>) {
-        for chunk in chunks {
+        let count = self.layout.chunk_count();
+        for chunk in chunks.into_iter().filter(|&c| c < count) {
             self.local_chunks.set(chunk);
         }
     }
