@@ -8,7 +8,7 @@
 //! - [`server`]: listener, handshake and concurrent transmission phase ([`Server`]).
 //! - [`client`]: an async client that implements [`r3map_core::Backend`] ([`Client`]).
 //! - [`uri`]: `nbd://`, `nbds://`, `nbd+unix://` and `nbds+unix://` URIs.
-//! - [`tls`]: rustls configuration for `NBD_OPT_STARTTLS`, including mutual TLS.
+//! - [`tls`]: TLS for `NBD_OPT_STARTTLS` (the shared `r3map-tls` configurations, mutual TLS).
 
 pub mod client;
 pub mod codec;
