@@ -163,6 +163,11 @@ impl Synced {
                 continue;
             }
             let _in_flight = FetchInFlight { synced: self, chunk };
+            // A fetch that ended between the first look and winning the slot made the chunk
+            // local: look again now that no other fetch can start, or it is fetched twice.
+            if self.local_chunks.get(chunk) {
+                return self.local.read_at(start, buf).await;
+            }
             return self.fetch_as_leader(chunk, start, buf).await;
         }
     }
@@ -335,6 +340,34 @@ mod tests {
             }
             assert_eq!(backend.fetch_count(), 1);
             assert!(backend.is_local(1) && !backend.is_local(0));
+        });
+    }
+
+    /// A reader that looked just before another reader's fetch ended must not fetch again (the
+    /// single-flight slot is won only after that fetch released it). Many rounds of readers
+    /// racing on every chunk; each chunk is fetched exactly once.
+    #[test]
+    fn readers_racing_the_end_of_a_fetch_do_not_fetch_again() {
+        testing::block_on(async {
+            let chunks = 2000u64;
+            let (backend, content) = synced(16 * chunks, 16, 3).await;
+            let backend = Arc::new(backend);
+            let readers: Vec<_> = (0..8)
+                .map(|_| {
+                    let backend = backend.clone();
+                    tokio::spawn(async move {
+                        let mut buf = [0u8; 16];
+                        for chunk in 0..chunks {
+                            backend.read_at(chunk * 16, &mut buf).await.unwrap();
+                        }
+                    })
+                })
+                .collect();
+            for r in readers {
+                r.await.unwrap();
+            }
+            assert_eq!(backend.fetch_count(), chunks, "a chunk was fetched twice");
+            testing::check_content(&*backend, &content).await.unwrap();
         });
     }
 
