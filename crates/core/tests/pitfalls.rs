@@ -128,6 +128,24 @@ async fn puller_failing_remote_surfaces_the_error_and_wait_returns() {
     assert_eq!(synced.local_count(), 100);
 }
 
+/// Go: the migration leecher's wait could block forever (a count off by one when a dirty list
+/// had nothing new). Here: re-queuing an empty list after the pull finished must not make `wait`
+/// hang.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn puller_wait_returns_after_pull_first_of_nothing() {
+    let (memory, _) = filled_memory(CHUNK * 10, 2).await;
+    let local: SharedBackend = Arc::new(MemoryBackend::new(CHUNK * 10));
+    let synced = Arc::new(Synced::new(local, memory, CHUNK).unwrap());
+    let puller = Puller::start(synced.clone(), PullerOptions::default()).unwrap();
+    puller.wait().await.unwrap();
+    puller.pull_first(&[]);
+    tokio::time::timeout(Duration::from_secs(10), puller.wait())
+        .await
+        .expect("wait hung after pull_first(&[])")
+        .unwrap();
+    assert!(puller.progress().borrow().finished);
+}
+
 /// Go: a size that is not a multiple of the chunk size left the tail chunk never pulled.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tail_chunk_is_pulled_and_pushed_when_size_is_not_a_chunk_multiple() {

@@ -146,6 +146,11 @@ impl Puller {
     /// Queues `chunks` ahead of all others (e.g. chunks a migration source wrote after sending
     /// them) and restarts workers if they had finished. Clears a previous error.
     pub fn pull_first(&self, chunks: &[u64]) {
+        if chunks.is_empty() {
+            // Nothing to queue: marking the puller unfinished would make `wait` hang, since no
+            // worker would start to finish it again.
+            return;
+        }
         {
             let mut queue = self.shared.queue.lock();
             for &chunk in chunks.iter().rev() {
