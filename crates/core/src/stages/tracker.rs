@@ -39,6 +39,16 @@ impl<B: Backend> Tracker<B> {
         self.dirty.take()
     }
 
+    /// The chunks written since `track()` or the last `take_dirty`, without forgetting them.
+    pub fn dirty(&self) -> Vec<u64> {
+        self.dirty.ones()
+    }
+
+    /// The chunk layout dirty chunks are counted in.
+    pub fn layout(&self) -> ChunkLayout {
+        self.layout
+    }
+
     /// The wrapped backend.
     pub fn inner(&self) -> &B {
         &self.inner
