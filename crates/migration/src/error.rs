@@ -51,7 +51,9 @@ impl MigrationError {
     /// Whether retrying the same call on a new connection may succeed.
     pub fn is_connection_loss(&self) -> bool {
         match self {
-            MigrationError::Backend(err) => err.is_connection_loss() || matches!(err, r3map_core::Error::Timeout(_)),
+            MigrationError::Backend(err) => {
+                err.is_connection_loss() || matches!(err, r3map_core::Error::Timeout(_))
+            }
             _ => false,
         }
     }

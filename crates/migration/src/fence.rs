@@ -124,7 +124,10 @@ mod tests {
         assert!(!raising.is_finished(), "raise returned with a write in flight");
         inner.open();
         raising.await.unwrap();
-        writer.await.unwrap().expect("a write that started before the fence lands");
+        writer
+            .await
+            .unwrap()
+            .expect("a write that started before the fence lands");
         let mut buf = [0; 4];
         fence.read_at(0, &mut buf).await.unwrap();
         assert_eq!(buf, [5; 4]);

@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 use crate::{MigrationError, Result};
 
 /// An asynchronous callback; its error text is shown to the user.
-pub type Hook = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = std::result::Result<(), String>> + Send>> + Send + Sync>;
+pub type Hook =
+    Arc<dyn Fn() -> Pin<Box<dyn Future<Output = std::result::Result<(), String>> + Send>> + Send + Sync>;
 
 /// Makes a [`Hook`] from an async closure.
 pub fn hook<F, Fut>(f: F) -> Hook
@@ -51,16 +52,16 @@ impl SeederHooks {
     pub fn process(pid: u32) -> Self {
         Self {
             suspend: Some(hook(move || async move { stop_process(pid).await })),
-            resume: Some(hook(move || async move { signal(pid, nix::sys::signal::Signal::SIGCONT) })),
+            resume: Some(hook(move || async move {
+                signal(pid, nix::sys::signal::Signal::SIGCONT)
+            })),
             flush: None,
         }
     }
 
     /// Suspends and resumes by running shell commands (`sh -c`); a non-zero exit is an error.
     pub fn commands(suspend: Option<String>, resume: Option<String>) -> Self {
-        let run = |command: Option<String>| {
-            command.map(|command| hook(move || run_command(command.clone())))
-        };
+        let run = |command: Option<String>| command.map(|command| hook(move || run_command(command.clone())));
         Self {
             suspend: run(suspend),
             resume: run(resume),
@@ -87,14 +88,17 @@ impl SeederHooks {
 
 async fn call(hook: &Option<Hook>, action: &'static str) -> Result<()> {
     match hook {
-        Some(hook) => hook().await.map_err(|reason| MigrationError::Application { action, reason }),
+        Some(hook) => hook()
+            .await
+            .map_err(|reason| MigrationError::Application { action, reason }),
         None => Ok(()),
     }
 }
 
 fn signal(pid: u32, signal: nix::sys::signal::Signal) -> std::result::Result<(), String> {
     let raw = i32::try_from(pid).map_err(|_| format!("process id {pid} is out of range"))?;
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(raw), signal).map_err(|err| format!("cannot send {signal} to process {pid}: {err}"))
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(raw), signal)
+        .map_err(|err| format!("cannot send {signal} to process {pid}: {err}"))
 }
 
 async fn stop_process(pid: u32) -> std::result::Result<(), String> {
@@ -106,7 +110,11 @@ async fn stop_process(pid: u32) -> std::result::Result<(), String> {
         match all_threads_stopped(pid) {
             Ok(true) => return Ok(()),
             Ok(false) if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(1)).await,
-            Ok(false) => return Err(format!("process {pid} did not stop within {STOP_TIMEOUT:?} (a thread is stuck in a system call)")),
+            Ok(false) => {
+                return Err(format!(
+                    "process {pid} did not stop within {STOP_TIMEOUT:?} (a thread is stuck in a system call)"
+                ))
+            }
             Err(err) => return Err(format!("cannot read the state of process {pid}: {err}")),
         }
     }

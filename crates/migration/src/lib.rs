@@ -27,7 +27,9 @@ pub mod verify;
 
 pub use error::{MigrationError, Result};
 pub use hooks::{hook, Hook, SeederHooks};
-pub use leecher::{CompleteReport, FinalizeReport, Leecher, LeecherOptions, LeecherPhase, LeecherStatus, RoundPolicy};
+pub use leecher::{
+    CompleteReport, FinalizeReport, Leecher, LeecherOptions, LeecherPhase, LeecherStatus, RoundPolicy,
+};
 pub use link::{ResourceInfo, SeederLink, SessionId, SyncReport};
 pub use seeder::{tracked_stack, Seeder, SeederPhase, TrackedStack};
 
@@ -41,7 +43,7 @@ pub enum Migrator {
     /// This host is the source.
     Seeding(Arc<Seeder>),
     /// This host is a destination.
-    Leeching(Leecher),
+    Leeching(Box<Leecher>),
 }
 
 impl Migrator {
@@ -51,8 +53,14 @@ impl Migrator {
     }
 
     /// Leeches from `link` into `local`.
-    pub async fn leech(link: Arc<dyn SeederLink>, local: SharedBackend, options: LeecherOptions) -> Result<Self> {
-        Ok(Migrator::Leeching(Leecher::open(link, local, options).await?))
+    pub async fn leech(
+        link: Arc<dyn SeederLink>,
+        local: SharedBackend,
+        options: LeecherOptions,
+    ) -> Result<Self> {
+        Ok(Migrator::Leeching(Box::new(
+            Leecher::open(link, local, options).await?,
+        )))
     }
 
     /// The resource as this host's application uses it.

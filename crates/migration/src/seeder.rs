@@ -48,7 +48,10 @@ impl std::fmt::Display for SeederPhase {
         match self {
             SeederPhase::Serving => f.write_str("serving (no migration)"),
             SeederPhase::Tracking { session, rounds } => {
-                write!(f, "tracking writes for session {session} ({rounds} pre-copy rounds)")
+                write!(
+                    f,
+                    "tracking writes for session {session} ({rounds} pre-copy rounds)"
+                )
             }
             SeederPhase::Synced { session } => {
                 write!(f, "suspended, waiting for session {session} to commit")
@@ -183,14 +186,15 @@ impl Seeder {
         }
     }
 
-    /// Resumes the application (if suspended) and lowers the fence.
+    /// Lowers the fence and resumes the application (if suspended). The fence goes first: an
+    /// application resumed behind a raised fence would see its writes fail.
     async fn resume(&self, state: &mut State) -> Result<()> {
+        self.stack.lower();
+        state.report = None;
         if state.suspended_at.is_some() {
             self.hooks.resume().await?;
             state.suspended_at = None;
         }
-        state.report = None;
-        self.stack.lower();
         Ok(())
     }
 
@@ -260,7 +264,8 @@ impl SeederLink for Seeder {
 
     async fn dirty_round(&self, session: SessionId) -> Result<Vec<u64>> {
         let mut state = self.state.lock().await;
-        let SeederPhase::Tracking { rounds, .. } = Self::check_session(&state, session, "a pre-copy round")? else {
+        let SeederPhase::Tracking { rounds, .. } = Self::check_session(&state, session, "a pre-copy round")?
+        else {
             return Err(MigrationError::WrongPhase {
                 call: "a pre-copy round",
                 phase: state.phase.to_string(),
@@ -270,7 +275,13 @@ impl SeederLink for Seeder {
             self.flush_frontend().await?;
         }
         let dirty = self.stack.inner().take_dirty();
-        self.set_phase(&mut state, SeederPhase::Tracking { session, rounds: rounds + 1 });
+        self.set_phase(
+            &mut state,
+            SeederPhase::Tracking {
+                session,
+                rounds: rounds + 1,
+            },
+        );
         Ok(dirty)
     }
 

@@ -9,7 +9,12 @@ use crate::Result;
 pub const HASH_BATCH: u64 = 1024;
 
 /// blake3 hashes of `count` chunks from `first` of `backend` (clamped to the last chunk).
-pub async fn chunk_hashes<B: Backend + ?Sized>(backend: &B, layout: ChunkLayout, first: u64, count: u64) -> Result<Vec<[u8; 32]>> {
+pub async fn chunk_hashes<B: Backend + ?Sized>(
+    backend: &B,
+    layout: ChunkLayout,
+    first: u64,
+    count: u64,
+) -> Result<Vec<[u8; 32]>> {
     let end = first.saturating_add(count).min(layout.chunk_count());
     futures::stream::iter(first..end)
         .map(|chunk| async move {

@@ -90,9 +90,12 @@ impl Writer {
         self.held.lock().await.is_some()
     }
 
-    /// Waits until the writer has made at least `count` writes.
-    pub async fn wait_for_writes(&self, count: u64) {
-        while self.writes.load(Ordering::Relaxed) < count {
+    /// Waits until the writer has made `count` more writes than it had made so far.
+    pub async fn wait_for_more_writes(&self, count: u64) {
+        let target = self.writes.load(Ordering::SeqCst) + count;
+        while self.writes.load(Ordering::SeqCst) < target {
+            let task = self.task.as_ref().expect("the writer was started");
+            assert!(!task.is_finished(), "the writer stopped (a write failed)");
             tokio::task::yield_now().await;
         }
     }
@@ -124,19 +127,25 @@ pub struct Faults {
     pub commit_replies_lost: AtomicU64,
     /// Every call fails (the seeder is gone).
     pub dead: AtomicBool,
-    /// Reads fail once the seeder has committed (it died right after finalize).
-    pub dead_after_commit: AtomicBool,
+    /// Once `sync` has answered, every call but `commit` fails (the seeder's data path died
+    /// right after finalize).
+    pub dead_after_sync: AtomicBool,
     /// Dirty lists the pre-copy rounds report instead of asking the seeder.
     pub scripted_rounds: parking_lot::Mutex<std::collections::VecDeque<Vec<u64>>>,
-    committed: AtomicBool,
+    synced: AtomicBool,
 }
 
 fn lost() -> r3map_migration::MigrationError {
-    Error::Io(Arc::new(std::io::Error::from(std::io::ErrorKind::ConnectionReset))).into()
+    Error::Io(Arc::new(std::io::Error::from(
+        std::io::ErrorKind::ConnectionReset,
+    )))
+    .into()
 }
 
 fn take(counter: &AtomicU64) -> bool {
-    counter.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok()
+    counter
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .is_ok()
 }
 
 /// A link to a seeder that fails on command.
@@ -148,7 +157,9 @@ pub struct FlakyLink {
 impl FlakyLink {
     fn check(&self) -> Result<()> {
         let f = &self.faults;
-        if f.dead.load(Ordering::SeqCst) || (f.dead_after_commit.load(Ordering::SeqCst) && f.committed.load(Ordering::SeqCst)) {
+        if f.dead.load(Ordering::SeqCst)
+            || (f.dead_after_sync.load(Ordering::SeqCst) && f.synced.load(Ordering::SeqCst))
+        {
             return Err(lost());
         }
         Ok(())
@@ -177,18 +188,20 @@ impl SeederLink for FlakyLink {
     async fn sync(&self, session: SessionId) -> Result<SyncReport> {
         self.check()?;
         let report = self.seeder.sync(session).await?;
+        self.faults.synced.store(true, Ordering::SeqCst);
         if take(&self.faults.sync_replies_lost) {
             return Err(lost());
         }
         Ok(report)
     }
     async fn commit(&self, session: SessionId) -> Result<()> {
-        self.check()?;
+        if self.faults.dead.load(Ordering::SeqCst) {
+            return Err(lost());
+        }
         if take(&self.faults.commits_lost) {
             return Err(lost());
         }
         self.seeder.commit(session).await?;
-        self.faults.committed.store(true, Ordering::SeqCst);
         if take(&self.faults.commit_replies_lost) {
             return Err(lost());
         }
