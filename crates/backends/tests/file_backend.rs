@@ -17,16 +17,27 @@ fn direct() -> FileOptions {
     FileOptions::new().direct_io(true)
 }
 
-/// A direct-I/O backend of `size` bytes in `dir`, or `None` (with a note) if O_DIRECT is refused.
-fn direct_backend(dir: &Path, size: u64) -> Option<FileBackend> {
-    match FileBackend::create(dir.join("direct.img"), size, direct()) {
-        Ok(backend) => Some(backend),
-        Err(Error::InvalidConfig(message)) => {
-            testing::skip(&message);
+/// A directory on a disk filesystem that accepts O_DIRECT, or `None` after recording why the
+/// test cannot run here. Call it first: a test skips before it checks anything.
+fn direct_io_dir() -> Option<tempfile::TempDir> {
+    let Some(dir) = common::disk_tempdir() else {
+        testing::skip("no disk filesystem under /var/tmp or /work for O_DIRECT");
+        return None;
+    };
+    match FileBackend::create(dir.path().join("probe.img"), BLOCK, direct()) {
+        Ok(_) => Some(dir),
+        Err(Error::InvalidConfig(_)) => {
+            let fs = common::filesystem_type(dir.path()).unwrap_or_else(|| "unknown".into());
+            testing::skip(&format!("the disk filesystem ({fs}) refuses O_DIRECT"));
             None
         }
-        Err(err) => panic!("unexpected error: {err}"),
+        Err(err) => panic!("unexpected error probing O_DIRECT: {err}"),
     }
+}
+
+/// A direct-I/O backend of `size` bytes in `dir` (which [`direct_io_dir`] accepted).
+fn direct_backend(dir: &Path, size: u64) -> FileBackend {
+    FileBackend::create(dir.join("direct.img"), size, direct()).expect("O_DIRECT backend")
 }
 
 proptest! {
@@ -39,18 +50,26 @@ proptest! {
     }
 }
 
-proptest! {
-    #![proptest_config(common::proptest_config(16))]
-    #[test]
-    fn direct_io_matches_model(blocks in 0u64..8, tail in 0u64..BLOCK, ops in testing::ops_strategy(3 * BLOCK + 100, 30)) {
-        let Some(dir) = common::disk_tempdir() else {
-            testing::skip("no disk filesystem under /var/tmp or /work for O_DIRECT");
-            return Ok(());
-        };
+#[test]
+fn direct_io_matches_model() {
+    // The filesystem check runs once, before any case: all cases run, or the test is skipped.
+    let Some(dir) = direct_io_dir() else {
+        return;
+    };
+    let strategy = (0u64..8, 0u64..BLOCK, testing::ops_strategy(3 * BLOCK + 100, 30));
+    let config = proptest::test_runner::Config {
+        source_file: Some(file!()),
+        ..common::proptest_config(16)
+    };
+    let mut runner = proptest::test_runner::TestRunner::new(config);
+    let result = runner.run(&strategy, |(blocks, tail, ops)| {
         let size = (blocks * BLOCK + tail).max(1);
-        if let Some(backend) = direct_backend(dir.path(), size) {
-            block_on(testing::check_against_model(&backend, BLOCK, &ops))?;
-        }
+        let case = tempfile::tempdir_in(dir.path()).expect("a directory for this case");
+        let backend = direct_backend(case.path(), size);
+        block_on(testing::check_against_model(&backend, BLOCK, &ops))
+    });
+    if let Err(failure) = result {
+        panic!("{failure}");
     }
 }
 
@@ -63,10 +82,11 @@ fn concurrent_buffered_access_matches_model() {
 
 #[test]
 fn concurrent_direct_access_matches_model() {
-    let dir = common::disk_tempdir().expect("a disk filesystem under /var/tmp or /work");
-    if let Some(backend) = direct_backend(dir.path(), 64 * BLOCK + 123) {
-        block_on(testing::check_concurrent(Arc::new(backend), BLOCK, 8, 100)).unwrap();
-    }
+    let Some(dir) = direct_io_dir() else {
+        return;
+    };
+    let backend = direct_backend(dir.path(), 64 * BLOCK + 123);
+    block_on(testing::check_concurrent(Arc::new(backend), BLOCK, 8, 100)).unwrap();
 }
 
 #[test]
@@ -102,13 +122,13 @@ fn create_keeps_existing_content_and_sets_the_length() {
 
 #[test]
 fn direct_io_serves_aligned_and_unaligned_memory_and_keeps_the_size() {
-    let dir = common::disk_tempdir().expect("a disk filesystem under /var/tmp or /work");
+    let Some(dir) = direct_io_dir() else {
+        return;
+    };
     // Over 2 MiB of whole blocks, so unaligned memory bounces in several pieces, plus a tail.
     let whole = (2 << 20) + 3 * BLOCK;
     let size = whole + 100;
-    let Some(backend) = direct_backend(dir.path(), size) else {
-        return;
-    };
+    let backend = direct_backend(dir.path(), size);
     assert!(backend.is_direct_io());
     // One vector gives a block-aligned slice and a misaligned one of the same length.
     let mut storage = vec![0u8; size as usize + 2 * BLOCK as usize];
@@ -135,10 +155,10 @@ fn direct_io_serves_aligned_and_unaligned_memory_and_keeps_the_size() {
 
 #[test]
 fn direct_io_rejects_unaligned_requests_and_changes_nothing() {
-    let dir = common::disk_tempdir().expect("a disk filesystem under /var/tmp or /work");
-    let Some(backend) = direct_backend(dir.path(), 2 * BLOCK + 10) else {
+    let Some(dir) = direct_io_dir() else {
         return;
     };
+    let backend = direct_backend(dir.path(), 2 * BLOCK + 10);
     block_on(async {
         let unaligned = |result| matches!(result, Err(Error::Unaligned { alignment: 4096, .. }));
         assert!(unaligned(backend.write_at(1, &[1; 4096]).await));
@@ -156,19 +176,27 @@ fn direct_io_rejects_unaligned_requests_and_changes_nothing() {
 
 #[test]
 fn direct_io_refusal_is_explained() {
-    // procfs always refuses O_DIRECT; tmpfs did before Linux 6.6.
+    // procfs always refuses O_DIRECT.
     let message = FileBackend::open("/proc/self/comm", direct())
         .unwrap_err()
         .to_string();
     assert!(message.contains("refuses O_DIRECT") && message.contains("/proc/self/comm"));
+}
 
+#[test]
+fn direct_io_refusal_on_tmpfs_is_explained() {
     let Some(dir) = common::tmpfs_tempdir() else {
-        println!("skipped the tmpfs case: no writable tmpfs");
-        return;
+        return testing::skip("no writable tmpfs under /dev/shm, /tmp or /run");
     };
-    match FileBackend::create(dir.path().join("x.img"), BLOCK, direct()) {
-        Ok(_) => println!("skipped the tmpfs case: this kernel's tmpfs supports O_DIRECT"),
-        Err(err) => assert!(err.to_string().contains("refuses O_DIRECT"), "{err}"),
+    let path = dir.path().join("x.img");
+    match FileBackend::create(&path, BLOCK, direct()) {
+        // tmpfs refused O_DIRECT before Linux 6.6.
+        Ok(_) => testing::skip("this kernel's tmpfs supports O_DIRECT: no refusal to explain"),
+        Err(err) => {
+            let message = err.to_string();
+            assert!(message.contains("refuses O_DIRECT"), "{message}");
+            assert!(message.contains(&path.display().to_string()), "{message}");
+        }
     }
 }
 

@@ -1,6 +1,7 @@
-//! Block-device frontends against the kernel this test runs on. Where the kernel lacks the
-//! NBD client or ublk, the tests check the error users get and are reported as skipped; the VM
-//! test (`guest_vm.rs`) runs the real devices in a kernel that has both.
+//! Block-device frontends against the kernel this test runs on. Each device has a round trip
+//! (skipped where the kernel lacks it) and a check of the error users get without it (skipped
+//! where the kernel has it); the VM test (`guest_vm.rs`) runs the real devices in a kernel that
+//! has both.
 
 use std::sync::Arc;
 
@@ -26,85 +27,90 @@ fn generic_netlink_resolves_the_control_family() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn nbd_attach_or_names_the_missing_module() {
-    match check_nbd_support() {
-        Ok(method) => {
-            let backend = backend();
-            let device = NbdDevice::attach(backend.clone(), NbdOptions::default())
-                .await
-                .expect("attach");
-            assert_eq!(device.method(), method);
-            let path = device.path().to_owned();
-            tokio::task::spawn_blocking(move || {
-                use std::os::unix::fs::FileExt;
-                let file = std::fs::OpenOptions::new().read(true).write(true).open(path)?;
-                file.write_all_at(b"through the kernel", 4096)?;
-                file.sync_all()
-            })
-            .await
-            .unwrap()
-            .expect("write through /dev/nbdX");
-            device.disconnect().await.expect("disconnect");
-            let mut buf = [0u8; 18];
-            backend.read_at(4096, &mut buf).await.unwrap();
-            assert_eq!(&buf, b"through the kernel");
-        }
-        Err(unsupported) => {
-            let text = unsupported.to_string();
-            assert!(
-                text.contains("CONFIG_BLK_DEV_NBD") && text.contains("--frontend disk"),
-                "{text}"
-            );
-            let err = NbdDevice::attach(backend(), NbdOptions::default())
-                .await
-                .unwrap_err();
-            assert!(matches!(err, NbdError::Unsupported(_)), "{err}");
-            skip(&format!("kernel NBD client: {unsupported}"));
-        }
-    }
+async fn nbd_device_round_trip_through_the_host_kernel() {
+    let Ok(method) = check_nbd_support() else {
+        return skip("this kernel has no NBD client (CONFIG_BLK_DEV_NBD); the guest VM test runs it");
+    };
+    let backend = backend();
+    let device = NbdDevice::attach(backend.clone(), NbdOptions::default())
+        .await
+        .expect("attach");
+    assert_eq!(device.method(), method);
+    let path = device.path().to_owned();
+    tokio::task::spawn_blocking(move || {
+        use std::os::unix::fs::FileExt;
+        let file = std::fs::OpenOptions::new().read(true).write(true).open(path)?;
+        file.write_all_at(b"through the kernel", 4096)?;
+        file.sync_all()
+    })
+    .await
+    .unwrap()
+    .expect("write through /dev/nbdX");
+    device.disconnect().await.expect("disconnect");
+    let mut buf = [0u8; 18];
+    backend.read_at(4096, &mut buf).await.unwrap();
+    assert_eq!(&buf, b"through the kernel");
+}
+
+#[tokio::test]
+async fn nbd_without_the_kernel_client_names_the_missing_module() {
+    let Err(unsupported) = check_nbd_support() else {
+        return skip("this kernel has the NBD client: there is no refusal to check");
+    };
+    let text = unsupported.to_string();
+    assert!(
+        text.contains("CONFIG_BLK_DEV_NBD") && text.contains("--frontend disk"),
+        "{text}"
+    );
+    let err = NbdDevice::attach(backend(), NbdOptions::default())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, NbdError::Unsupported(_)), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ublk_start_or_names_the_missing_module() {
-    match check_ublk_support() {
-        Ok(()) => {
-            let backend = backend();
-            let device = UblkDevice::start(backend.clone(), UblkOptions::default())
-                .await
-                .expect("start");
-            let path = device.path().to_owned();
-            tokio::task::spawn_blocking(move || {
-                use std::os::unix::fs::FileExt;
-                let file = std::fs::OpenOptions::new().read(true).write(true).open(path)?;
-                file.write_all_at(b"through ublk", 8192)?;
-                file.sync_all()
-            })
-            .await
-            .unwrap()
-            .expect("write through /dev/ublkbN");
-            device.stop().await.expect("stop");
-            let mut buf = [0u8; 12];
-            backend.read_at(8192, &mut buf).await.unwrap();
-            assert_eq!(&buf, b"through ublk");
-        }
-        Err(unsupported) => {
-            let text = unsupported.to_string();
-            assert!(text.contains("--frontend disk"), "{text}");
-            let err = UblkDevice::start(backend(), UblkOptions::default())
-                .await
-                .unwrap_err();
-            assert!(matches!(err, UblkError::Unsupported(_)), "{err}");
-            skip(&format!("ublk: {unsupported}"));
-        }
+async fn ublk_device_round_trip_through_the_host_kernel() {
+    if check_ublk_support().is_err() {
+        return skip("this kernel has no ublk (CONFIG_BLK_DEV_UBLK); the guest VM test runs it");
     }
+    let backend = backend();
+    let device = UblkDevice::start(backend.clone(), UblkOptions::default())
+        .await
+        .expect("start");
+    let path = device.path().to_owned();
+    tokio::task::spawn_blocking(move || {
+        use std::os::unix::fs::FileExt;
+        let file = std::fs::OpenOptions::new().read(true).write(true).open(path)?;
+        file.write_all_at(b"through ublk", 8192)?;
+        file.sync_all()
+    })
+    .await
+    .unwrap()
+    .expect("write through /dev/ublkbN");
+    device.stop().await.expect("stop");
+    let mut buf = [0u8; 12];
+    backend.read_at(8192, &mut buf).await.unwrap();
+    assert_eq!(&buf, b"through ublk");
+}
+
+#[tokio::test]
+async fn ublk_without_the_driver_names_the_missing_module() {
+    let Err(unsupported) = check_ublk_support() else {
+        return skip("this kernel has ublk: there is no refusal to check");
+    };
+    let text = unsupported.to_string();
+    assert!(text.contains("--frontend disk"), "{text}");
+    let err = UblkDevice::start(backend(), UblkOptions::default())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, UblkError::Unsupported(_)), "{err}");
 }
 
 #[tokio::test]
 async fn ublk_options_are_validated_before_touching_the_kernel() {
     if check_ublk_support().is_err() {
         // Validation runs after the support check; nothing more to see without ublk.
-        skip("ublk option validation needs /dev/ublk-control (CONFIG_BLK_DEV_UBLK)");
-        return;
+        return skip("ublk option validation needs /dev/ublk-control (CONFIG_BLK_DEV_UBLK)");
     }
     let err = UblkDevice::start(
         backend(),

@@ -290,32 +290,8 @@ impl Backend for FaultyBackend {
     }
 }
 
-/// Marks the calling test as skipped because this machine lacks something it needs (a tool, a
-/// kernel feature). Says so on stderr and, when the test script set `R3MAP_SKIP_LOG`, appends the
-/// test and the reason to that file, so the suite's summary counts the test as skipped rather
-/// than passed. Return from the test right after calling it.
-pub fn skip(reason: &str) {
-    let test = std::thread::current()
-        .name()
-        .unwrap_or("unnamed test")
-        .to_string();
-    eprintln!("SKIPPED {test}: {reason}");
-    if let Some(log) = std::env::var_os("R3MAP_SKIP_LOG") {
-        use std::io::Write;
-        let line = format!("{test}: {reason}\n");
-        let appended = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)
-            .and_then(|mut file| file.write_all(line.as_bytes()));
-        if let Err(err) = appended {
-            eprintln!(
-                "cannot record the skip in {}: {err}",
-                std::path::Path::new(&log).display()
-            );
-        }
-    }
-}
+mod skip;
+pub use skip::skip;
 
 /// The path of example `name` of the package at `manifest_dir`, built next to the running test
 /// binary. `cargo test` and `cargo nextest` build examples already; when only one test target
