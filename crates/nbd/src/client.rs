@@ -105,7 +105,7 @@ pub enum ClientError {
     Tls(#[from] TlsError),
     #[error("the URI asks for TLS (nbds://) but no TLS settings (CA certificate) were given")]
     TlsNotConfigured,
-    #[error("TLS handshake with the NBD server failed: {0}")]
+    #[error("TLS handshake with the NBD server failed: {}", r3map_tls::describe_handshake_error(.0))]
     TlsHandshake(std::io::Error),
     #[error("the NBD server refused {option}: {reply}{}", if message.is_empty() { String::new() } else { format!(": {message}") })]
     Refused {

@@ -250,7 +250,7 @@ pub enum ConnectionError {
     TlsRequired,
     #[error("client sent data after NBD_OPT_STARTTLS before the TLS handshake")]
     DataBeforeTls,
-    #[error("TLS handshake failed: {0}")]
+    #[error("TLS handshake failed: {}", r3map_tls::describe_handshake_error(.0))]
     TlsHandshake(std::io::Error),
     #[error("handshake not finished within {0:?}")]
     HandshakeTimeout(Duration),
