@@ -23,7 +23,11 @@ fn mirror_on_the_embedded_default_pulls_pushes_and_verifies() {
 #[test]
 fn mirror_between_a_file_remote_and_a_directory_cache() {
     let dir = tempfile::tempdir().unwrap();
-    let remote = format!("file:{}?size=5MiB", dir.path().join("remote.img").display());
+    let image = dir.path().join("remote.img");
+    // Known content first, so the check covers both what was pulled and what was pushed.
+    let before = r3map_core::testing::pattern(7, 5 << 20);
+    std::fs::write(&image, &before).unwrap();
+    let remote = format!("file:{}", image.display());
     let cache = format!("dir:{}?chunk=64KiB", dir.path().join("cache").display());
     let (ok, stdout, stderr) = r3map(&[
         "mirror",
@@ -37,14 +41,7 @@ fn mirror_between_a_file_remote_and_a_directory_cache() {
         "30",
     ]);
     assert!(ok, "stdout: {stdout}\nstderr: {stderr}");
-    assert!(stdout.contains("verified"), "{stdout}");
-    // The pushed writes reached the remote file on disk: it is no longer all zeros.
-    let bytes = std::fs::read(dir.path().join("remote.img")).unwrap();
-    assert_eq!(bytes.len(), 5 << 20);
-    assert!(
-        bytes.iter().any(|&b| b != 0),
-        "the remote file never received the writes"
-    );
+    common::assert_holds_the_mirrored_content(&image, &stdout, &before);
 }
 
 #[test]

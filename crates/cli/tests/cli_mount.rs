@@ -20,17 +20,53 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// The demo as a user runs it, and its claim checked from outside: after it unmounted, another
+/// NBD client reads the demo's writes from the demo's server.
 #[test]
 fn the_demo_mounts_reads_writes_pushes_and_verifies() {
     if !have_fuse() {
         return;
     }
-    let (ok, stdout, stderr) = run(&["mount"]);
-    assert!(ok, "{stdout}\n{stderr}");
+    let mut demo = Proc::start(&["mount", "--keep-serving"]);
+    demo.wait_for("unmounted after", LONG);
+    let line = demo.wait_for("demo: still serving", LONG);
+    let uri = line
+        .trim_start_matches("demo: still serving ")
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string();
+    // What it reports (stdout) came before; the order across the two streams is unknown.
+    demo.wait_for_line("demo: read 256.00 MiB through the kernel", LONG);
+    demo.wait_for_line("pushed and verified on the server", LONG);
+    // The demo writes bytes i % 251 over 16 MiB at 100 MiB (crates/cli/src/commands/mount.rs).
+    let (offset, len) = (100u64 << 20, 16usize << 20);
+    let on_server = read_from_server(&uri, offset - 4096, len + 8192);
+    let expected: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
     assert!(
-        stdout.contains("verified it") && stdout.contains("pushed and verified on the server"),
-        "{stdout}"
+        on_server[4096..4096 + len] == expected[..],
+        "the demo's server does not hold its writes"
     );
+    // Around the writes the demo data is untouched (not the pattern).
+    assert_ne!(&on_server[..4096], &expected[len - 4096..]);
+    assert!(demo.terminate(LONG), "the demo did not stop cleanly");
+}
+
+/// Reads `len` bytes at `offset` from an NBD server with our client, in its own runtime.
+fn read_from_server(uri: &str, offset: u64, len: usize) -> Vec<u8> {
+    use r3map_core::Backend;
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let client = r3map_nbd::Client::connect(uri, Default::default())
+            .await
+            .expect("connect to the server");
+        let mut buf = vec![0u8; len];
+        client
+            .read_at(offset, &mut buf)
+            .await
+            .expect("read from the server");
+        buf
+    })
 }
 
 /// serve → managed disk mount → mkfs + files → unmount → a new mount process → files intact.
@@ -105,8 +141,10 @@ fn ext4_on_a_managed_disk_mount_survives_unmount_and_remount() {
     assert!(server.terminate(LONG));
 }
 
-/// The server dies (SIGKILL) while the mount keeps running; writes keep landing locally and
-/// reach the restarted server; nothing acknowledged is lost.
+/// `fsync` on a managed mount is an acknowledgement: the server holds the bytes when it returns
+/// (the background push is an hour away, so only the fsync can have pushed them). Then the server
+/// dies (SIGKILL) while the mount keeps running; writes keep landing locally and reach the
+/// restarted server; nothing acknowledged is lost.
 #[test]
 fn a_killed_and_restarted_server_loses_no_acknowledged_write() {
     if !have_fuse() {
@@ -126,9 +164,11 @@ fn a_killed_and_restarted_server_loses_no_acknowledged_write() {
         "--chunk-size",
         "64KiB",
         "--push-interval",
-        "100ms",
+        "1h",
+        // A write that waited for the dead server would hang the test (and nextest's per-test
+        // timeout would name it) instead of failing after a timeout.
         "--remote-timeout",
-        "60s",
+        "1h",
     ]);
     let path = mounted_path(&mount.wait_for("mounted ", LONG));
     mount.wait_for("pulled:", LONG);
@@ -139,16 +179,21 @@ fn a_killed_and_restarted_server_loses_no_acknowledged_write() {
         .unwrap();
     let before = pattern(1, 200_000);
     file.write_all_at(&before, 1_000_000).unwrap();
-    file.sync_all().unwrap(); // acknowledged: pushed to the server
+    assert!(
+        std::fs::read(&image).unwrap()[1_000_000..1_200_000] != before[..],
+        "the write reached the server before any push"
+    );
+    file.sync_all().unwrap(); // acknowledged: the server holds it now
+    assert_eq!(
+        &std::fs::read(&image).unwrap()[1_000_000..1_200_000],
+        &before[..],
+        "fsync returned before the server held the write"
+    );
 
     server.kill();
     let during = pattern(2, 300_000);
-    let started = Instant::now();
-    file.write_all_at(&during, 5_000_000).unwrap(); // lands in the local cache
-    assert!(
-        started.elapsed() < Duration::from_secs(5),
-        "a write waited for the dead server"
-    );
+    // Lands in the local cache while no server runs (it would hang if it waited for one).
+    file.write_all_at(&during, 5_000_000).unwrap();
     let mut back = vec![0u8; during.len()];
     file.read_exact_at(&mut back, 5_000_000).unwrap();
     assert_eq!(
@@ -276,10 +321,9 @@ fn reads_fail_with_eio_after_the_timeout_when_the_remote_stays_down() {
     let err = file.read_exact_at(&mut buf, 1 << 20).unwrap_err();
     let elapsed = started.elapsed();
     assert_eq!(err.raw_os_error(), Some(5), "expected EIO, got {err}");
-    assert!(
-        elapsed >= Duration::from_millis(900) && elapsed < Duration::from_secs(20),
-        "{elapsed:?}"
-    );
+    // Not before the timeout (timers never fire early); that it returned at all shows it does
+    // not wait forever.
+    assert!(elapsed >= Duration::from_millis(900), "{elapsed:?}");
     drop(file);
     // It cannot flush to a dead remote: it says so and stays mounted, and gives up on the third
     // signal.
@@ -386,22 +430,23 @@ fn the_slice_frontend_serves_another_programs_memory() {
 }
 
 /// Go: opening a mount hung forever when the connection failed. Here it fails at once and says
-/// why.
+/// why: a refused connection is not retried for the remote timeout (an hour here, so retrying
+/// would hang the test until nextest's per-test timeout names it).
 #[test]
 fn mounting_an_unreachable_remote_fails_at_once_with_the_reason() {
     let dir = tempfile::tempdir().unwrap();
     let uri = format!("nbd://127.0.0.1:{}/x", free_port());
-    let started = Instant::now();
-    let (ok, _, stderr) = run(&["mount", &uri, dir.path().join("mnt").to_str().unwrap()]);
+    let (ok, _, stderr) = run(&[
+        "mount",
+        &uri,
+        dir.path().join("mnt").to_str().unwrap(),
+        "--remote-timeout",
+        "1h",
+    ]);
     assert!(!ok);
     assert!(
         stderr.contains("cannot connect to NBD server") && stderr.contains("refused"),
         "{stderr}"
-    );
-    assert!(
-        started.elapsed() < Duration::from_secs(10),
-        "took {:?}",
-        started.elapsed()
     );
 }
 

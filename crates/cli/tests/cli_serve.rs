@@ -14,11 +14,9 @@ const LONG: Duration = Duration::from_secs(60);
 fn serve_a_file_mirror_it_with_writes_and_stop_with_sigterm() {
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("disk.img");
-    let (mut server, uri) = serve(
-        &format!("disk=file:{}?size=6MiB", image.display()),
-        "127.0.0.1:0",
-        &[],
-    );
+    let before = r3map_core::testing::pattern(5, 6 << 20);
+    std::fs::write(&image, &before).unwrap();
+    let (mut server, uri) = serve(&format!("disk=file:{}", image.display()), "127.0.0.1:0", &[]);
     assert!(
         uri.starts_with("nbd://127.0.0.1:") && uri.ends_with("/disk"),
         "{uri}"
@@ -42,12 +40,7 @@ fn serve_a_file_mirror_it_with_writes_and_stop_with_sigterm() {
     server.signal("TERM");
     server.wait_for("flushed every export", LONG);
     assert!(server.terminate(LONG), "r3map serve failed to stop cleanly");
-    let bytes = std::fs::read(&image).unwrap();
-    assert_eq!(bytes.len(), 6 << 20);
-    assert!(
-        bytes.iter().any(|&b| b != 0),
-        "the mirrored writes never reached the served file"
-    );
+    common::assert_holds_the_mirrored_content(&image, &stdout, &before);
 }
 
 #[test]

@@ -70,6 +70,10 @@ pub struct Args {
     /// Keep the demo mounted until Ctrl-C instead of running its checks
     #[arg(long)]
     hold: bool,
+    /// After the demo's checks and unmount, keep serving the demo remote until Ctrl-C, so other
+    /// NBD clients can look at what the server holds
+    #[arg(long, conflicts_with_all = ["remote", "hold"])]
+    keep_serving: bool,
     #[command(flatten)]
     remote_options: crate::remote::RemoteArgs,
 }
@@ -253,6 +257,10 @@ pub async fn run(args: Args) -> Result<()> {
             "demo: wrote {} through the file; pushed and verified on the server",
             format_bytes(written)
         );
+        if args.keep_serving {
+            eprintln!("demo: still serving {uri} until Ctrl-C or SIGTERM");
+            signals.recv().await;
+        }
         return Ok(());
     }
     eprintln!("Ctrl-C or SIGTERM flushes, pushes and unmounts");

@@ -7,7 +7,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-/// A background `r3map` process whose stderr lines are collected; killed on drop.
+/// A background `r3map` process whose stdout and stderr lines are collected (each stream in
+/// order; the two streams interleaved as they arrive); killed on drop.
 pub struct Proc {
     child: Child,
     lines: mpsc::Receiver<String>,
@@ -18,19 +19,15 @@ impl Proc {
     pub fn start(args: &[&str]) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_r3map"))
             .args(args)
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .expect("start r3map");
-        let stderr = child.stderr.take().unwrap();
         let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        let stdout = child.stdout.take().unwrap();
+        let stderr = child.stderr.take().unwrap();
+        forward_lines(stdout, tx.clone());
+        forward_lines(stderr, tx);
         Self {
             child,
             lines,
@@ -58,6 +55,15 @@ impl Proc {
                     )
                 }
             }
+        }
+    }
+
+    /// Like [`Proc::wait_for`], but also accepts a line already seen: for a line on the other
+    /// stream than the last one waited for, whose order relative to it is unknown.
+    pub fn wait_for_line(&mut self, needle: &str, timeout: Duration) -> String {
+        match self.seen.iter().find(|line| line.contains(needle)) {
+            Some(line) => line.clone(),
+            None => self.wait_for(needle, timeout),
         }
     }
 
@@ -110,6 +116,16 @@ impl Drop for Proc {
     }
 }
 
+fn forward_lines(stream: impl std::io::Read + Send + 'static, tx: mpsc::Sender<String>) {
+    std::thread::spawn(move || {
+        for line in BufReader::new(stream).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+}
+
 /// Runs `r3map` to completion; returns (success, stdout, stderr).
 pub fn run(args: &[&str]) -> (bool, String, String) {
     let output = Command::new(env!("CARGO_BIN_EXE_r3map"))
@@ -136,6 +152,37 @@ pub fn serve(export: &str, listen: &str, extra: &[&str]) -> (Proc, String) {
         .unwrap()
         .to_string();
     (server, uri)
+}
+
+/// The CRC-32 that `r3map mirror` reports for the content it verified on both sides ("verified
+/// remote and local view are identical (crc32 XXXXXXXX)").
+pub fn mirror_checksum(stdout: &str) -> u32 {
+    let line = stdout
+        .lines()
+        .find(|line| line.starts_with("verified remote and local view are identical"))
+        .unwrap_or_else(|| panic!("mirror did not verify: {stdout}"));
+    let hex = line
+        .rsplit("crc32 ")
+        .next()
+        .and_then(|rest| rest.strip_suffix(')'))
+        .unwrap_or_else(|| panic!("no checksum in {line:?}"));
+    u32::from_str_radix(hex, 16).unwrap_or_else(|_| panic!("bad checksum in {line:?}"))
+}
+
+/// Checks that the file a mirror's remote wrote to holds what the mirror verified: the same
+/// CRC-32, with the writes (the content differs from what it held before).
+pub fn assert_holds_the_mirrored_content(path: &std::path::Path, stdout: &str, before: &[u8]) {
+    let bytes = std::fs::read(path).unwrap();
+    assert_eq!(bytes.len(), before.len(), "the remote file changed size");
+    assert_eq!(
+        crc32fast::hash(&bytes),
+        mirror_checksum(stdout),
+        "the remote file does not hold the content the mirror verified"
+    );
+    assert!(
+        bytes != before,
+        "the mirrored writes never reached the remote file"
+    );
 }
 
 /// The path a `mount` process reported ("mounted … at PATH").
