@@ -32,6 +32,7 @@ enum Command {
     Mirror(commands::mirror::Args),
     Serve(commands::serve::Args),
     DelayProxy(commands::delay_proxy::Args),
+    Cert(commands::cert::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -57,6 +58,7 @@ fn main() -> std::process::ExitCode {
             Command::Mirror(args) => commands::mirror::run(args).await,
             Command::Serve(args) => commands::serve::run(args).await,
             Command::DelayProxy(args) => commands::delay_proxy::run(args).await,
+            Command::Cert(args) => commands::cert::run(args).await,
         }
     });
     match result {

@@ -93,7 +93,7 @@ pub enum ClientError {
     },
     #[error("connecting to {0} timed out")]
     Timeout(String),
-    #[error("I/O error during the NBD handshake: {0}")]
+    #[error("I/O error during the NBD handshake: {}", r3map_tls::describe_handshake_error(.0))]
     Io(#[from] std::io::Error),
     #[error("the NBD server broke the protocol: {0}")]
     Codec(#[from] CodecError),

@@ -46,11 +46,23 @@ fn generate_error(err: rcgen::Error) -> TlsError {
 /// addresses, the first one also its common name) and a client certificate, valid from an hour
 /// ago (clock skew) for `valid_for`.
 pub fn generate(hosts: &[String], valid_for: Duration) -> Result<CertificateSet, TlsError> {
-    let Some(first) = hosts.first() else {
+    if hosts.is_empty() {
         return Err(TlsError::Generate(
             "name at least one host (DNS name or IP address) for the server certificate".into(),
         ));
-    };
+    }
+    let hosts: Vec<String> = hosts
+        .iter()
+        .map(|host| host.trim_start_matches('[').trim_end_matches(']').to_string())
+        .collect();
+    if let Some(bad) = hosts
+        .iter()
+        .find(|host| rustls::pki_types::ServerName::try_from(host.as_str()).is_err())
+    {
+        return Err(TlsError::Generate(format!(
+            "{bad:?} is neither a DNS name nor an IP address"
+        )));
+    }
     let now = time::OffsetDateTime::now_utc();
     let not_before = now - time::Duration::hours(1);
     let not_after = now
@@ -67,13 +79,14 @@ pub fn generate(hosts: &[String], valid_for: Duration) -> Result<CertificateSet,
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     // A name of its own (from its key), so two CAs made for the same host are told apart by
     // name; otherwise the wrong one is taken for the issuer and the error is a bad signature.
-    let tag: String = ca_key.public_key_raw()[..4]
+    // (Byte 0 of a P-256 public key is the constant 0x04.)
+    let tag: String = ca_key.public_key_raw()[1..5]
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect();
     ca_params
         .distinguished_name
-        .push(DnType::CommonName, format!("r3map CA {tag} for {first}"));
+        .push(DnType::CommonName, format!("r3map CA {tag} for {}", hosts[0]));
     ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
     let ca_cert = ca_params.self_signed(&ca_key).map_err(generate_error)?;
 
@@ -95,7 +108,7 @@ pub fn generate(hosts: &[String], valid_for: Duration) -> Result<CertificateSet,
             key: key.serialize_pem(),
         })
     };
-    let server = issue(hosts.to_vec(), first, ExtendedKeyUsagePurpose::ServerAuth)?;
+    let server = issue(hosts.clone(), &hosts[0], ExtendedKeyUsagePurpose::ServerAuth)?;
     let client = issue(Vec::new(), "r3map client", ExtendedKeyUsagePurpose::ClientAuth)?;
     Ok(CertificateSet {
         ca: Identity {

@@ -54,8 +54,8 @@ pub enum TlsError {
     /// Certificates could not be generated.
     #[error("cannot generate certificates: {0}")]
     Generate(String),
-    /// A generated file could not be written.
-    #[error("cannot write {path}: {source}")]
+    /// A generated file could not be written (the reason is the source).
+    #[error("cannot write {path}")]
     Write {
         path: PathBuf,
         #[source]

@@ -1,5 +1,6 @@
 //! One module per subcommand.
 
+pub mod cert;
 pub mod delay_proxy;
 pub mod mirror;
 pub mod mount;

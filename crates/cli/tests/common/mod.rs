@@ -144,7 +144,8 @@ pub fn serve(export: &str, listen: &str, extra: &[&str]) -> (Proc, String) {
     let mut args = vec!["serve", export, "--listen", listen];
     args.extend_from_slice(extra);
     let mut server = Proc::start(&args);
-    let line = server.wait_for("serving nbd://", Duration::from_secs(20));
+    // "serving nbd://…", or nbds:// with TLS.
+    let line = server.wait_for("serving nbd", Duration::from_secs(20));
     let uri = line
         .trim_start_matches("serving ")
         .split_whitespace()
@@ -188,6 +189,20 @@ pub fn assert_holds_the_mirrored_content(path: &std::path::Path, stdout: &str, b
 /// The path a `mount` process reported ("mounted … at PATH").
 pub fn mounted_path(line: &str) -> String {
     line.rsplit(" at ").next().unwrap().to_string()
+}
+
+/// True if `tool` runs (`tool VERSION_ARG`, e.g. `--version`); otherwise records the skip.
+pub fn have_tool(tool: &str, version_arg: &str) -> bool {
+    let found = Command::new(tool)
+        .arg(version_arg)
+        .output()
+        .is_ok_and(|out| out.status.success());
+    if !found {
+        r3map_core::testing::skip(&format!(
+            "{tool} is not installed (scripts/install-test-deps installs it)"
+        ));
+    }
+    found
 }
 
 /// Whether this machine can run FUSE and loop devices (skips the test with a reason if not).
