@@ -12,8 +12,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -98,12 +97,11 @@ async fn proxy_connection(client: TcpStream, upstream: &str, config: DelayConfig
 }
 
 /// Copies `from` to `to`, releasing each piece `delay` after it was read, at most `rate` bytes/s.
-async fn delayed_copy(
-    mut from: OwnedReadHalf,
-    mut to: OwnedWriteHalf,
-    delay: Duration,
-    rate: Option<u64>,
-) -> io::Result<()> {
+async fn delayed_copy<R, W>(mut from: R, mut to: W, delay: Duration, rate: Option<u64>) -> io::Result<()>
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin,
+{
     let (tx, mut rx) = mpsc::channel::<(Instant, Vec<u8>)>(IN_FLIGHT);
     let reader = tokio::spawn(async move {
         loop {
@@ -133,4 +131,63 @@ async fn delayed_copy(
     }
     let _ = to.shutdown().await; // pass the half-close on
     reader.await?
+}
+
+#[cfg(test)]
+mod tests {
+    //! The timing rules on Tokio's paused clock over in-memory pipes: exact, whatever the load on
+    //! the machine (the TCP tests in tests/ check real sockets, without upper time bounds).
+
+    use super::*;
+
+    /// Runs `data` through one delayed direction; returns what came out and the (virtual) time
+    /// from the first write to the last byte out.
+    async fn through(data: Vec<u8>, delay: Duration, rate: Option<u64>) -> (Vec<u8>, Duration) {
+        let (mut client, proxy_in) = tokio::io::duplex(1 << 20);
+        let (proxy_out, mut server) = tokio::io::duplex(1 << 20);
+        let copy = tokio::spawn(delayed_copy(proxy_in, proxy_out, delay, rate));
+        let started = Instant::now();
+        let writer = tokio::spawn(async move {
+            client.write_all(&data).await.unwrap();
+            client.shutdown().await.unwrap();
+            client
+        });
+        let mut out = Vec::new();
+        server.read_to_end(&mut out).await.unwrap();
+        let elapsed = started.elapsed();
+        drop(writer.await.unwrap());
+        copy.await.unwrap().unwrap();
+        (out, elapsed)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_piece_arrives_exactly_the_delay_later() {
+        let (out, elapsed) = through(b"ping".to_vec(), Duration::from_millis(30), None).await;
+        assert_eq!(out, b"ping");
+        assert_eq!(elapsed, Duration::from_millis(30));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn many_pieces_pay_the_delay_once_not_once_each() {
+        // 128 pieces and more: pipelined, the last byte is out one delay after the first write.
+        let data: Vec<u8> = (0..8u32 << 20).map(|i| (i % 253) as u8).collect();
+        let (out, elapsed) = through(data.clone(), Duration::from_millis(30), None).await;
+        assert!(out == data, "the data changed on the way");
+        assert_eq!(elapsed, Duration::from_millis(30));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_rate_spaces_the_pieces() {
+        // 2 MiB at 4 MiB/s: piece k leaves k piece-times after the first, so the last byte is
+        // out half a second (less the last piece's own share) after the first write.
+        let data = vec![7u8; 2 << 20];
+        let (out, elapsed) = through(data, Duration::ZERO, Some(4 << 20)).await;
+        assert_eq!(out.len(), 2 << 20);
+        let pieces = out.len().div_ceil(PIECE) as u32;
+        let per_piece = Duration::from_secs_f64(PIECE as f64 / (4u64 << 20) as f64);
+        assert!(
+            elapsed >= per_piece * (pieces - 1) && elapsed <= per_piece * pieces,
+            "{elapsed:?} for {pieces} pieces of {per_piece:?}"
+        );
+    }
 }

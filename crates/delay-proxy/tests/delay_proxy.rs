@@ -1,5 +1,7 @@
 //! The delay proxy over loopback: data arrives intact, late by the RTT, and no faster than the
-//! rate.
+//! rate. Only lower time bounds here (timers never fire early); how long things take at most is
+//! checked exactly on a paused clock (the unit tests in src/lib.rs) and measured by the WAN
+//! benchmark, not bounded by the wall clock of a loaded machine.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -62,24 +64,16 @@ async fn adds_the_round_trip_time_to_each_exchange() {
         elapsed >= Duration::from_millis(60),
         "round trip took only {elapsed:?}"
     );
-    assert!(
-        elapsed < Duration::from_millis(60 + 500),
-        "round trip took {elapsed:?}"
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn delivers_large_transfers_intact_without_one_delay_per_piece() {
+async fn delivers_large_transfers_intact() {
     let addr = proxy(30, None).await;
     let mut data = vec![0u8; 8 << 20];
     rand::thread_rng().fill_bytes(&mut data);
     let (echo, elapsed) = round_trip(addr, &data).await;
     assert!(echo == data, "the echo differs from what was sent");
-    // 128 pieces of 64 KiB: pipelined, the delay is paid about once, not per piece.
-    assert!(
-        elapsed < Duration::from_secs(3),
-        "8 MiB took {elapsed:?}: delays are not pipelined"
-    );
+    assert!(elapsed >= Duration::from_millis(30), "{elapsed:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -108,8 +102,7 @@ async fn reports_an_unreachable_upstream_to_the_client_by_closing() {
         .unwrap();
     let mut stream = TcpStream::connect(proxy.local_addr()).await.unwrap();
     let mut buf = [0u8; 1];
-    let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
-        .await
-        .expect("the proxy kept the connection open");
-    assert!(matches!(n, Ok(0) | Err(_)));
+    // A proxy that kept the connection open would hang here until nextest's per-test timeout.
+    let n = stream.read(&mut buf).await;
+    assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
 }
