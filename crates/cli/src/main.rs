@@ -16,7 +16,9 @@ use clap::{Parser, Subcommand};
 /// Backends are written as specifications:
 ///   memory:SIZE                         in-process memory, e.g. memory:256MiB
 ///   file:PATH[?size=SIZE][&direct=true]  a regular file (created with SIZE if missing)
-///   dir:PATH?size=SIZE[&chunk=SIZE]      a directory with one file per chunk
+///   dir:PATH?size=SIZE[&chunk=SIZE][&open-files=N]
+///                                       a directory with one file per chunk (N chunk files
+///                                       kept open at most)
 ///   nbd://HOST:PORT/EXPORT               an NBD server (nbds:// for TLS, nbd+unix:///EXPORT?socket=PATH)
 #[derive(Debug, Parser)]
 #[command(name = "r3map", version, about, long_about, verbatim_doc_comment)]

@@ -66,8 +66,23 @@ fn bad_specifications_and_sizes_are_explained() {
 fn help_documents_the_commands() {
     let (ok, stdout, _) = r3map(&["--help"]);
     assert!(ok);
-    assert!(
-        stdout.contains("mirror") && stdout.contains("memory:SIZE") && stdout.contains("dir:PATH"),
-        "{stdout}"
-    );
+    for needle in [
+        "mirror",
+        "cert",
+        "memory:SIZE",
+        "dir:PATH",
+        "&open-files=N",
+        "&direct=true",
+        "nbds://",
+    ] {
+        assert!(stdout.contains(needle), "r3map --help lacks {needle:?}: {stdout}");
+    }
+    let (ok, stdout, _) = r3map(&["mount", "--help"]);
+    assert!(ok);
+    for needle in ["--keep-serving", "--tls-ca", "The third signal gives up"] {
+        assert!(
+            stdout.contains(needle),
+            "r3map mount --help lacks {needle:?}: {stdout}"
+        );
+    }
 }

@@ -161,15 +161,15 @@ fn main() {
                 total,
             };
             let offsets = case.offsets(size);
-            // Warm-up pass of each path, then the measured one.
-            let _ = through_file(
-                &file,
-                Case {
-                    total: total / 8,
-                    ..case
-                },
-                &offsets[..offsets.len() / 8],
-            );
+            // A warm-up pass of each path (an eighth of the case), then the measured ones.
+            let warm_up = Case {
+                total: total / 8,
+                ..case
+            };
+            let warm_offsets = &offsets[..offsets.len() / 8];
+            let _ = direct(&rt, &backend, warm_up, warm_offsets);
+            let _ = through_file(&file, warm_up, warm_offsets);
+            let _ = through_file(&device, warm_up, warm_offsets);
             let d = mb_per_s(total, direct(&rt, &backend, case, &offsets));
             let f = mb_per_s(total, through_file(&file, case, &offsets));
             let l = mb_per_s(total, through_file(&device, case, &offsets));

@@ -22,7 +22,9 @@ use crate::progress::throughput;
 /// served from a local cache that background workers fill, writes land locally and are pushed
 /// to the remote every --push-interval and on exit. Runs until SIGINT/SIGTERM, then flushes,
 /// pushes and unmounts. If a frontend is busy (e.g. a filesystem is mounted on the loop device)
-/// it says so and keeps running; signal again after freeing it.
+/// or the remote cannot take the final push, it says so and keeps running; signal again after
+/// freeing it. The third signal gives up: it detaches and exits with an error that says which
+/// writes may not have reached the remote.
 ///
 /// Without REMOTE it runs a demo: an embedded NBD server (loopback TCP) with 256 MiB of demo
 /// data is mounted, the file is read and written through the kernel, the writes are pushed and
