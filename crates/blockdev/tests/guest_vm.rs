@@ -1,6 +1,8 @@
 //! Runs `scripts/vm-test`: the kernel NBD client (ioctl and netlink, ext4, a dying server) and
 //! ublk (ext4 included) inside a Debian 6.12 guest under QEMU TCG, since the host kernel may
-//! have neither. The script installs what it needs and reports a skip only when it cannot.
+//! have neither; and there, as separate processes, `r3map serve` with `r3map mount --frontend
+//! nbd` and `--frontend ublk`, direct and managed, closed by SIGTERM, data checked on the
+//! server's file. The script installs what it needs and reports a skip only when it cannot.
 
 use std::path::Path;
 use std::process::Command;

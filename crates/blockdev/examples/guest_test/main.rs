@@ -1,7 +1,10 @@
 //! The in-guest checks of `scripts/vm-test`: run as root inside a VM whose kernel has the `nbd`
 //! and `ublk_drv` modules loaded. Each check prints `R3MAP-GUEST-OK <name>` or
 //! `R3MAP-GUEST-FAIL <name>: <error>` on stdout (the serial console), and the run ends with
-//! `R3MAP-GUEST-DONE failures=<n>`. Needs `mke2fs` and `mount` on `PATH` for the ext4 checks.
+//! `R3MAP-GUEST-DONE failures=<n>`. Needs `mke2fs` and `mount` on `PATH` for the ext4 checks,
+//! and the static `r3map` binary at /bin/r3map for the command-line checks (`cli`).
+
+mod cli;
 
 use std::fs::{File, OpenOptions};
 use std::future::Future;
@@ -35,6 +38,18 @@ fn main() -> ExitCode {
         ("nbd-netlink-rw-ext4", || Box::pin(nbd_netlink_ext4())),
         ("nbd-dead-server-eio", || Box::pin(nbd_dead_server())),
         ("ublk-rw-ext4", || Box::pin(ublk_rw_ext4())),
+        ("cli-mount-nbd-direct", || {
+            Box::pin(blocking(|| cli::mount_and_close("nbd", false)))
+        }),
+        ("cli-mount-nbd-managed", || {
+            Box::pin(blocking(|| cli::mount_and_close("nbd", true)))
+        }),
+        ("cli-mount-ublk-direct", || {
+            Box::pin(blocking(|| cli::mount_and_close("ublk", false)))
+        }),
+        ("cli-mount-ublk-managed", || {
+            Box::pin(blocking(|| cli::mount_and_close("ublk", true)))
+        }),
     ];
     for (name, check) in checks {
         if !only.is_empty() && !only.iter().any(|o| o == name) {
@@ -60,6 +75,11 @@ fn main() -> ExitCode {
     } else {
         ExitCode::FAILURE
     }
+}
+
+/// Runs blocking `check` (processes, file I/O) off the runtime's threads.
+async fn blocking(check: fn() -> Result<()>) -> Result<()> {
+    tokio::task::spawn_blocking(check).await?
 }
 
 fn memory() -> (Arc<MemoryBackend>, SharedBackend) {
