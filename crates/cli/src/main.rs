@@ -4,6 +4,7 @@
 
 mod commands;
 mod demo;
+mod frontend;
 mod progress;
 mod remote;
 

@@ -5,15 +5,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use r3map_blockdev::{check_nbd_support, check_ublk_support, NbdDevice, NbdOptions, UblkDevice, UblkOptions};
 use r3map_core::stages::{Arbitrary, Priority, PullerOptions, PusherOptions};
 use r3map_core::{Backend, MemoryBackend, SharedBackend};
-use r3map_fuse::{DiskMount, FileMount};
-
-use super::slice_server::SliceServer;
 use r3map_mount::{format_bytes, parse_duration, parse_size, ManagedMount, ManagedOptions, PersistentCache};
 use r3map_nbd::{Export, Server, ServerConfig};
 
+use crate::frontend::{Frontend, Mounted};
 use crate::progress::throughput;
 
 /// Mount a remote as a local file or block device
@@ -81,104 +78,14 @@ pub struct Args {
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
-enum Frontend {
-    File,
-    Disk,
-    Nbd,
-    Ublk,
-    Slice,
-}
-
-#[derive(Debug, Clone, Copy, clap::ValueEnum)]
 enum PullOrder {
     Sequential,
     Reverse,
 }
 
-/// The mounted frontend. Kernel block devices are `None` once closed.
-enum Mounted {
-    File(FileMount),
-    Disk(DiskMount),
-    Nbd(PathBuf, Option<NbdDevice>),
-    Ublk(PathBuf, Option<UblkDevice>),
-    Slice(Option<SliceServer>),
-}
-
-impl Mounted {
-    async fn open(frontend: Frontend, backend: SharedBackend, target: &Path, name: &str) -> Result<Self> {
-        let runtime = tokio::runtime::Handle::current();
-        Ok(match frontend {
-            Frontend::File => Mounted::File(FileMount::mount(backend, target, name, runtime)?),
-            Frontend::Disk => Mounted::Disk(DiskMount::open(backend, target, name, runtime)?),
-            Frontend::Nbd => {
-                let device = NbdDevice::attach(backend, NbdOptions::default()).await?;
-                Mounted::Nbd(device.path().to_path_buf(), Some(device))
-            }
-            Frontend::Ublk => {
-                let device = UblkDevice::start(backend, UblkOptions::default()).await?;
-                Mounted::Ublk(device.path().to_path_buf(), Some(device))
-            }
-            Frontend::Slice => Mounted::Slice(Some(SliceServer::start(
-                backend,
-                target,
-                tokio::runtime::Handle::current(),
-            )?)),
-        })
-    }
-
-    fn path(&self) -> &Path {
-        match self {
-            Mounted::File(file) => file.path(),
-            Mounted::Disk(disk) => disk.path(),
-            Mounted::Nbd(path, _) | Mounted::Ublk(path, _) => path,
-            Mounted::Slice(server) => server.as_ref().map_or(Path::new("-"), |s| s.path()),
-        }
-    }
-
-    async fn close(&mut self) -> Result<()> {
-        match self {
-            Mounted::File(file) => file.unmount().await?,
-            Mounted::Disk(disk) => disk.close().await?,
-            Mounted::Nbd(path, device) => {
-                refuse_if_mounted(path)?;
-                if let Some(device) = device.take() {
-                    device.disconnect().await?;
-                }
-            }
-            Mounted::Ublk(path, device) => {
-                refuse_if_mounted(path)?;
-                if let Some(device) = device.take() {
-                    device.stop().await?;
-                }
-            }
-            Mounted::Slice(server) => drop(server.take()),
-        }
-        Ok(())
-    }
-}
-
-/// A kernel block device with a filesystem mounted on it must not be pulled away.
-fn refuse_if_mounted(device: &Path) -> Result<()> {
-    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
-    let device = device.to_string_lossy();
-    if let Some(line) = mounts
-        .lines()
-        .find(|line| line.split_whitespace().next() == Some(&*device))
-    {
-        let at = line.split_whitespace().nth(1).unwrap_or("?");
-        bail!("{device} is mounted at {at}; unmount it first");
-    }
-    Ok(())
-}
-
 pub async fn run(args: Args) -> Result<()> {
     let mut signals = crate::ShutdownSignals::catch()?;
-    // Refuse a frontend this kernel cannot offer before doing any work.
-    match args.frontend {
-        Frontend::Nbd => drop(check_nbd_support()?),
-        Frontend::Ublk => check_ublk_support()?,
-        Frontend::File | Frontend::Disk | Frontend::Slice => {}
-    }
+    args.frontend.check_supported()?;
     let demo = args.remote.is_none();
     // The demo server lives as long as this function.
     let (uri, demo_export) = match &args.remote {
