@@ -59,6 +59,31 @@ impl SeederHooks {
         }
     }
 
+    /// Like [`SeederHooks::process`], for a process started after the seeder (e.g. one that
+    /// uses the seeder's frontend): its pid is read from `path` at every suspend and resume.
+    pub fn process_in_file(path: std::path::PathBuf) -> Self {
+        let pid_in = move |path: std::path::PathBuf| async move {
+            let text = tokio::fs::read_to_string(&path)
+                .await
+                .map_err(|err| format!("cannot read the pid file {}: {err}", path.display()))?;
+            text.trim()
+                .parse::<u32>()
+                .map_err(|_| format!("the pid file {} holds no process id", path.display()))
+        };
+        let resume_path = path.clone();
+        Self {
+            suspend: Some(hook(move || {
+                let path = path.clone();
+                async move { stop_process(pid_in(path).await?).await }
+            })),
+            resume: Some(hook(move || {
+                let path = resume_path.clone();
+                async move { signal(pid_in(path).await?, nix::sys::signal::Signal::SIGCONT) }
+            })),
+            flush: None,
+        }
+    }
+
     /// Suspends and resumes by running shell commands (`sh -c`); a non-zero exit is an error.
     pub fn commands(suspend: Option<String>, resume: Option<String>) -> Self {
         let run = |command: Option<String>| command.map(|command| hook(move || run_command(command.clone())));

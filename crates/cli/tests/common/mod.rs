@@ -17,12 +17,17 @@ pub struct Proc {
 
 impl Proc {
     pub fn start(args: &[&str]) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_r3map"))
+        Self::start_program(env!("CARGO_BIN_EXE_r3map"), args)
+    }
+
+    /// Any program (e.g. an example, or `ip netns exec NS r3map …`), followed the same way.
+    pub fn start_program(program: impl AsRef<std::ffi::OsStr>, args: &[&str]) -> Self {
+        let mut child = Command::new(program)
             .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .expect("start r3map");
+            .expect("start the program");
         let (tx, lines) = mpsc::channel();
         let stdout = child.stdout.take().unwrap();
         let stderr = child.stderr.take().unwrap();
@@ -82,6 +87,11 @@ impl Proc {
     /// SIGTERM, then waits (bounded) for the exit; returns whether it succeeded.
     pub fn terminate(mut self, timeout: Duration) -> bool {
         self.signal("TERM");
+        self.wait_exit(timeout)
+    }
+
+    /// Waits (bounded) for the process to exit by itself; returns whether it succeeded.
+    pub fn wait_exit(&mut self, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
@@ -89,16 +99,19 @@ impl Proc {
                     self.seen.push(line);
                 }
                 if !status.success() {
-                    eprintln!("r3map exited with {status}; it said:\n{}", self.seen.join("\n"));
+                    eprintln!("the process exited with {status}; it said:\n{}", self.seen.join("\n"));
                 }
                 return status.success();
             }
             assert!(
                 Instant::now() < deadline,
-                "r3map did not exit within {timeout:?}; saw:\n{}",
+                "the process did not exit within {timeout:?}; saw:\n{}",
                 self.seen.join("\n")
             );
-            std::thread::sleep(Duration::from_millis(20));
+            // Polling the exit status (not synchronisation: the deadline above bounds it).
+            if let Ok(line) = self.lines.recv_timeout(Duration::from_millis(20)) {
+                self.seen.push(line);
+            }
         }
     }
 

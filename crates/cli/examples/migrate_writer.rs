@@ -1,0 +1,102 @@
+//! A program that keeps changing its state while `r3map migrate` moves it: the workload of the
+//! migration tests.
+//!
+//! Usage:
+//!   migrate_writer file PATH RATE        writes 4 KiB blocks into the file at PATH
+//!   migrate_writer slice SOCKET BYTES RATE
+//!                                        hands its memory to `r3map migrate seed --frontend
+//!                                        slice` at SOCKET, then writes 4 KiB blocks into it
+//!
+//! Blocks land at pseudo-random offsets with pseudo-random content, RATE blocks per second
+//! (0: as fast as it can). It prints `writing` once the first block is written and then runs
+//! until it is killed; the migration's seeder stops it (SIGSTOP) at finalize, so what the
+//! destination must hold is exactly the state at that moment.
+
+use std::io::{Read, Write};
+use std::os::fd::AsFd;
+use std::os::unix::fs::FileExt;
+use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
+
+use r3map_frontends::slice::RemoteRequest;
+use r3map_frontends::uffd::{Mapping, Uffd};
+
+const BLOCK: usize = 4096;
+
+/// xorshift64*: deterministic, no dependency.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+}
+
+/// Calls `write(offset, block)` RATE times a second (or flat out) forever.
+fn write_forever(len: usize, rate: u64, mut write: impl FnMut(usize, &[u8])) -> ! {
+    let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ u64::from(std::process::id()));
+    let blocks = (len / BLOCK).max(1) as u64;
+    let mut block = vec![0u8; BLOCK];
+    let started = Instant::now();
+    for written in 0u64.. {
+        let offset = (rng.next() % blocks) as usize * BLOCK;
+        let value = rng.next();
+        for (i, byte) in block.iter_mut().enumerate() {
+            *byte = (value >> ((i % 8) * 8)) as u8 ^ i as u8;
+        }
+        write(offset, &block);
+        if written == 0 {
+            println!("writing");
+            let _ = std::io::stdout().flush();
+        }
+        if rate > 0 {
+            // A steady workload, not synchronisation: the next block is due at written/rate.
+            let due = started + Duration::from_secs_f64((written + 1) as f64 / rate as f64);
+            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+        }
+    }
+    unreachable!()
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args: Vec<String> = std::env::args().collect();
+    match args.get(1).map(String::as_str) {
+        Some("file") if args.len() == 4 => {
+            let file = std::fs::OpenOptions::new().read(true).write(true).open(&args[2])?;
+            let len = file.metadata()?.len() as usize;
+            let rate: u64 = args[3].parse()?;
+            write_forever(len, rate, |offset, block| {
+                file.write_all_at(block, offset as u64).expect("write to the migrated file");
+            })
+        }
+        Some("slice") if args.len() == 5 => {
+            let len: usize = args[3].parse()?;
+            let rate: u64 = args[4].parse()?;
+            let mut sock = UnixStream::connect(&args[2])?;
+            let mut memory = Mapping::anonymous(len)?;
+            let uffd = Uffd::create()?;
+            RemoteRequest {
+                addr: memory.addr(),
+                len: len as u64,
+                pid: std::process::id() as i32,
+            }
+            .send(&sock, uffd.as_fd())?;
+            drop(uffd); // r3map holds it now
+            let mut answer = [0u8; 1];
+            sock.read_exact(&mut answer)?;
+            if answer[0] != 0 {
+                return Err("r3map refused to serve this memory".into());
+            }
+            let memory = memory.as_mut_slice();
+            write_forever(len, rate, |offset, block| {
+                memory[offset..offset + block.len()].copy_from_slice(block);
+            })
+        }
+        _ => Err("usage: migrate_writer file PATH RATE | migrate_writer slice SOCKET BYTES RATE".into()),
+    }
+}
