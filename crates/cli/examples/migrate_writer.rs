@@ -67,11 +67,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
     match args.get(1).map(String::as_str) {
         Some("file") if args.len() == 4 => {
-            let file = std::fs::OpenOptions::new().read(true).write(true).open(&args[2])?;
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&args[2])?;
             let len = file.metadata()?.len() as usize;
             let rate: u64 = args[3].parse()?;
             write_forever(len, rate, |offset, block| {
-                file.write_all_at(block, offset as u64).expect("write to the migrated file");
+                file.write_all_at(block, offset as u64)
+                    .expect("write to the migrated file");
             })
         }
         Some("slice") if args.len() == 5 => {

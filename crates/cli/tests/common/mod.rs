@@ -99,7 +99,10 @@ impl Proc {
                     self.seen.push(line);
                 }
                 if !status.success() {
-                    eprintln!("the process exited with {status}; it said:\n{}", self.seen.join("\n"));
+                    eprintln!(
+                        "the process exited with {status}; it said:\n{}",
+                        self.seen.join("\n")
+                    );
                 }
                 return status.success();
             }
