@@ -74,3 +74,83 @@ async fn pushed_bytes_count_whole_chunks_once() {
     stack.sync().await.unwrap();
     assert_eq!(pusher.pushed_bytes(), 4 * CHUNK, "a clean sync pushed again");
 }
+
+/// A remote that, while `frozen`, answers every write only after `deadline`, with a timeout
+/// (what the reconnect stage does for a server that stopped answering).
+struct FreezingRemote {
+    data: MemoryBackend,
+    frozen: std::sync::atomic::AtomicBool,
+    deadline: std::time::Duration,
+    write_attempts: std::sync::atomic::AtomicU64,
+}
+
+#[async_trait::async_trait]
+impl Backend for FreezingRemote {
+    fn size(&self) -> u64 {
+        self.data.size()
+    }
+    async fn read_at(&self, offset: u64, buf: &mut [u8]) -> r3map_core::Result<()> {
+        self.data.read_at(offset, buf).await
+    }
+    async fn write_at(&self, offset: u64, data: &[u8]) -> r3map_core::Result<()> {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.write_attempts.fetch_add(1, SeqCst);
+        if self.frozen.load(SeqCst) {
+            tokio::time::sleep(self.deadline).await;
+            return Err(r3map_core::Error::Timeout(self.deadline));
+        }
+        self.data.write_at(offset, data).await
+    }
+    async fn sync(&self) -> r3map_core::Result<()> {
+        Ok(())
+    }
+}
+
+/// A flush against a remote that stopped answering fails after one request deadline (not one
+/// per batch of workers), leaves every chunk dirty, and the next flush pushes them all.
+#[tokio::test(start_paused = true)]
+async fn a_failing_flush_stops_at_the_first_failure_and_keeps_every_chunk() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let chunks = 200u64;
+    let deadline = std::time::Duration::from_secs(30);
+    let remote = Arc::new(FreezingRemote {
+        data: MemoryBackend::new(chunks * CHUNK),
+        frozen: true.into(),
+        deadline,
+        write_attempts: 0.into(),
+    });
+    let local: SharedBackend = Arc::new(MemoryBackend::new(chunks * CHUNK));
+    let options = PusherOptions {
+        workers: 8,
+        interval: std::time::Duration::from_secs(1 << 20),
+    };
+    let pusher = Pusher::start(local, remote.clone(), CHUNK, options).unwrap();
+    let model = pattern(9, (chunks * CHUNK) as usize);
+    pusher.write_at(0, &model).await.unwrap();
+    assert_eq!(pusher.dirty_count(), chunks);
+
+    let started = tokio::time::Instant::now();
+    let result = pusher.flush().await;
+    let took = started.elapsed();
+    assert!(matches!(result, Err(r3map_core::Error::Timeout(_))), "{result:?}");
+    assert!(
+        took < deadline * 2,
+        "the failing flush took {took:?}: it waited out the deadline more than once"
+    );
+    assert!(
+        remote.write_attempts.load(SeqCst) <= 2 * 8,
+        "{} chunks were tried after the first failure",
+        remote.write_attempts.load(SeqCst)
+    );
+    assert_eq!(
+        pusher.dirty_count(),
+        chunks,
+        "a chunk left the dirty set unpushed"
+    );
+    assert_eq!(pusher.unpushed_count(), chunks);
+
+    remote.frozen.store(false, SeqCst);
+    pusher.flush().await.unwrap();
+    assert_eq!((pusher.dirty_count(), pusher.unpushed_count()), (0, 0));
+    testing::check_content(&remote.data, &model).await.unwrap();
+}

@@ -166,12 +166,25 @@ impl Pusher {
         self.shared.dirty.count_ones()
     }
 
+    /// Number of chunks the remote is not known to hold: dirty, or pushed by a flush that has
+    /// not confirmed them yet.
+    pub fn unpushed_count(&self) -> u64 {
+        let shared = &self.shared;
+        let in_flight = shared
+            .pushing
+            .ones()
+            .into_iter()
+            .filter(|&c| !shared.dirty.get(c));
+        shared.dirty.count_ones() + in_flight.count() as u64
+    }
+
     /// Bytes written to the remote so far.
     pub fn pushed_bytes(&self) -> u64 {
         self.shared.pushed_bytes.load(Ordering::Relaxed)
     }
 
-    /// Pushes every dirty chunk now; returns the first error (failed chunks stay dirty).
+    /// Pushes every dirty chunk now; stops at the first error and returns it (chunks not
+    /// pushed stay dirty).
     pub async fn flush(&self) -> Result<()> {
         self.shared.flush().await
     }
@@ -204,6 +217,10 @@ impl Shared {
         }
     }
 
+    /// One round: pushes the chunks dirty now with `workers` in parallel. The first failure
+    /// ends the round at once: pushes in flight are abandoned and every chunk not confirmed
+    /// pushed is dirty again. So a dead remote costs one request deadline per flush, not one
+    /// per batch of `workers` chunks.
     async fn flush(&self) -> Result<()> {
         let _one_flush_at_a_time = self.flush_lock.lock().await;
         let chunks = self.dirty.ones();
@@ -211,19 +228,28 @@ impl Shared {
             self.pushing.set(chunk);
             self.dirty.clear(chunk);
         }
-        let mut results = futures::stream::iter(chunks)
+        let mut results = futures::stream::iter(chunks.iter().copied())
             .map(|chunk| async move { (chunk, self.push_chunk(chunk).await) })
             .buffer_unordered(self.workers);
-        let mut first_error = None;
+        let mut failure = None;
         while let Some((chunk, result)) = results.next().await {
             if let Err(err) = result {
-                // Never lose the write: the chunk stays dirty for the next flush.
-                self.dirty.set(chunk);
-                first_error.get_or_insert(err);
+                failure = Some(err);
+                break;
             }
             self.pushing.clear(chunk);
         }
-        first_error.map_or(Ok(()), Err)
+        drop(results); // cancels the pushes still in flight
+        if failure.is_some() {
+            // Never lose a write: what this round did not confirm is pushed by the next one.
+            for &chunk in &chunks {
+                if self.pushing.get(chunk) {
+                    self.dirty.set(chunk);
+                    self.pushing.clear(chunk);
+                }
+            }
+        }
+        failure.map_or(Ok(()), Err)
     }
 
     async fn push_chunk(&self, chunk: u64) -> Result<()> {
