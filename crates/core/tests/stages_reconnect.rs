@@ -15,6 +15,9 @@ struct Server {
     up: AtomicBool,
     epoch: AtomicU64,
     connects: AtomicU64,
+    /// Connections numbered below this never answer (a server that froze with its TCP
+    /// connections still open, e.g. stopped with SIGSTOP).
+    hang_below: AtomicU64,
 }
 
 impl Server {
@@ -24,6 +27,7 @@ impl Server {
             up: AtomicBool::new(true),
             epoch: AtomicU64::new(0),
             connects: AtomicU64::new(0),
+            hang_below: AtomicU64::new(0),
         })
     }
     fn go_down(&self) {
@@ -33,19 +37,28 @@ impl Server {
     fn come_up(&self) {
         self.up.store(true, Ordering::SeqCst);
     }
+    /// Every connection open now stops answering; later connections work.
+    fn freeze_open_connections(&self) {
+        let next = self.connects.load(Ordering::SeqCst) + 1;
+        self.hang_below.store(next, Ordering::SeqCst);
+    }
     fn connector(self: &Arc<Self>) -> Connector {
         let server = self.clone();
         Arc::new(move || {
             let server = server.clone();
             Box::pin(async move {
-                server.connects.fetch_add(1, Ordering::SeqCst);
+                let number = server.connects.fetch_add(1, Ordering::SeqCst) + 1;
                 if !server.up.load(Ordering::SeqCst) {
                     return Err(
                         std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "server down").into(),
                     );
                 }
                 let epoch = server.epoch.load(Ordering::SeqCst);
-                Ok(Arc::new(Connection { server, epoch }) as SharedBackend)
+                Ok(Arc::new(Connection {
+                    server,
+                    epoch,
+                    number,
+                }) as SharedBackend)
             })
         })
     }
@@ -54,10 +67,14 @@ impl Server {
 struct Connection {
     server: Arc<Server>,
     epoch: u64,
+    number: u64,
 }
 
 impl Connection {
-    fn check(&self) -> Result<()> {
+    async fn check(&self) -> Result<()> {
+        if self.number < self.server.hang_below.load(Ordering::SeqCst) {
+            std::future::pending::<()>().await;
+        }
         if self.server.epoch.load(Ordering::SeqCst) != self.epoch {
             return Err(std::io::Error::new(std::io::ErrorKind::ConnectionAborted, "connection lost").into());
         }
@@ -71,15 +88,15 @@ impl Backend for Connection {
         self.server.data.size()
     }
     async fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        self.check()?;
+        self.check().await?;
         self.server.data.read_at(offset, buf).await
     }
     async fn write_at(&self, offset: u64, data: &[u8]) -> Result<()> {
-        self.check()?;
+        self.check().await?;
         self.server.data.write_at(offset, data).await
     }
     async fn sync(&self) -> Result<()> {
-        self.check()
+        self.check().await
     }
 }
 
@@ -178,6 +195,62 @@ async fn many_failing_requests_cause_one_reconnect() {
         2,
         "one initial connection and one reconnect"
     );
+}
+
+/// A server that stops answering on an open connection: every request in flight fails at its
+/// deadline (EIO), measured on a paused clock, the connection is dropped and made anew once,
+/// and the next request works on the new connection.
+#[tokio::test(start_paused = true)]
+async fn requests_in_flight_on_a_frozen_connection_fail_at_their_deadline_and_it_reconnects() {
+    let server = Server::new(1 << 16);
+    let timeout = Duration::from_secs(5);
+    let options = ReconnectOptions {
+        request_timeout: timeout,
+        ..options(0)
+    };
+    let remote = Arc::new(
+        Reconnecting::connect_to("test-server", server.connector(), options)
+            .await
+            .unwrap(),
+    );
+    remote.write_at(0, b"acknowledged").await.unwrap();
+    server.freeze_open_connections();
+    let started = tokio::time::Instant::now();
+    let requests: Vec<_> = (0..8u64)
+        .map(|i| {
+            let remote = remote.clone();
+            tokio::spawn(async move {
+                let result = if i % 2 == 0 {
+                    remote.write_at(4096 * i, &[1; 4096]).await
+                } else {
+                    remote.read_at(4096 * i, &mut [0; 4096]).await
+                };
+                (result, tokio::time::Instant::now())
+            })
+        })
+        .collect();
+    for request in requests {
+        let (result, ended) = request.await.unwrap();
+        assert!(
+            matches!(result, Err(Error::Timeout(t)) if t == timeout),
+            "{result:?}"
+        );
+        assert_eq!(result.unwrap_err().errno(), libc::EIO);
+        let took = ended - started;
+        assert!(
+            took >= timeout && took < timeout + Duration::from_millis(100),
+            "a request in flight failed after {took:?}, not at its {timeout:?} deadline"
+        );
+    }
+    let mut buf = [0u8; 12];
+    remote.read_at(0, &mut buf).await.unwrap();
+    assert_eq!(&buf, b"acknowledged");
+    assert_eq!(
+        server.connects.load(Ordering::SeqCst),
+        2,
+        "eight timed-out requests must cause exactly one reconnect"
+    );
+    assert!(remote.is_connected());
 }
 
 #[tokio::test]

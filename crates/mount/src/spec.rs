@@ -158,6 +158,7 @@ impl BackendSpec {
                     tls: remote.tls.clone(),
                     ..ClientOptions::default()
                 };
+                let address = uri.clone();
                 let uri = uri.clone();
                 let connector: Connector = Arc::new(move || {
                     let (uri, options) = (uri.clone(), options.clone());
@@ -166,7 +167,7 @@ impl BackendSpec {
                         Ok(Arc::new(client) as SharedBackend)
                     })
                 });
-                let remote = Reconnecting::connect(connector, remote.reconnect.clone()).await?;
+                let remote = Reconnecting::connect_to(address, connector, remote.reconnect.clone()).await?;
                 if let Some(wanted) = size_hint.filter(|&w| w != remote.size()) {
                     return Err(Error::InvalidConfig(format!(
                         "the NBD export has {} but {} are needed",

@@ -3,6 +3,12 @@
 //! backoff) and is retried, up to a deadline; then it fails with `Error::Timeout` (EIO to the
 //! kernel), so nothing hangs forever.
 //!
+//! The deadline covers the whole request: waiting for a connection *and* the request in flight.
+//! A remote that keeps its connection open but stops answering (a frozen server) fails the
+//! request at its deadline too, and the connection is dropped and made anew, since a
+//! connection that let a request hang cannot be trusted with the next one. Each lost
+//! connection is logged once, with the remote's address.
+//!
 //! Retrying is safe because every `Backend` operation is idempotent: writing the same bytes to
 //! the same place twice has the same effect as once.
 
@@ -24,7 +30,8 @@ pub type Connector =
 /// Reconnection settings.
 #[derive(Debug, Clone)]
 pub struct ReconnectOptions {
-    /// How long one request may wait for the remote (including reconnects) before failing.
+    /// How long one request may take, from its start (waiting for a connection, reconnects and
+    /// the request in flight), before it fails with `Error::Timeout`.
     pub request_timeout: Duration,
     /// First pause between connection attempts; doubles up to `max_backoff`.
     pub initial_backoff: Duration,
@@ -50,6 +57,8 @@ enum Link {
 }
 
 struct Shared {
+    /// The remote's address, for messages.
+    address: String,
     connector: Connector,
     options: ReconnectOptions,
     link: watch::Sender<Link>,
@@ -65,6 +74,15 @@ impl Reconnecting {
     /// Connects once (the first connection must succeed, so a wrong address fails at once),
     /// then keeps the remote connected.
     pub async fn connect(connector: Connector, options: ReconnectOptions) -> Result<Self> {
+        Self::connect_to("the remote", connector, options).await
+    }
+
+    /// Like [`Reconnecting::connect`], naming the remote's `address` in messages.
+    pub async fn connect_to(
+        address: impl Into<String>,
+        connector: Connector,
+        options: ReconnectOptions,
+    ) -> Result<Self> {
         let backend = connector().await?;
         let size = backend.size();
         let (link, _) = watch::channel(Link::Up {
@@ -73,6 +91,7 @@ impl Reconnecting {
         });
         Ok(Self {
             shared: Arc::new(Shared {
+                address: address.into(),
                 connector,
                 options,
                 link,
@@ -118,12 +137,29 @@ impl Attempt<'_> {
         }
     }
 
+    /// Runs one try of a request on connection `generation` until the request's deadline. A
+    /// try still in flight at the deadline fails with `Error::Timeout` and drops the
+    /// connection.
+    async fn in_flight<T>(&self, generation: u64, call: impl Future<Output = Result<T>>) -> Result<T> {
+        match tokio::time::timeout_at(self.deadline, call).await {
+            Ok(result) => result,
+            Err(_) => {
+                let timeout = self.shared.options.request_timeout;
+                Shared::connection_lost(
+                    self.shared,
+                    generation,
+                    format_args!("a request got no answer within {timeout:?}"),
+                );
+                Err(Error::Timeout(timeout))
+            }
+        }
+    }
+
     /// Decides what to do with a request's result: `None` = retry on a new connection.
     fn settle<T>(&self, generation: u64, result: Result<T>) -> Option<Result<T>> {
         match result {
             Err(err) if err.is_connection_loss() => {
-                tracing::warn!(%err, "lost the remote; reconnecting");
-                Shared::connection_lost(self.shared, generation);
+                Shared::connection_lost(self.shared, generation, format_args!("{err}"));
                 if Instant::now() >= self.deadline {
                     return Some(Err(Error::Timeout(self.shared.options.request_timeout)));
                 }
@@ -134,13 +170,14 @@ impl Attempt<'_> {
     }
 }
 
-/// Retries `$call` (an expression using `$backend`) on connection loss.
+/// Retries `$call` (an expression using `$backend`) on connection loss, until the deadline.
 macro_rules! retried {
     ($self:ident, |$backend:ident| $call:expr) => {{
         let mut attempt = $self.attempt();
         loop {
             let (generation, $backend) = attempt.connection().await?;
-            if let Some(result) = attempt.settle(generation, $call.await) {
+            let result = attempt.in_flight(generation, $call).await;
+            if let Some(result) = attempt.settle(generation, result) {
                 break result;
             }
         }
@@ -148,9 +185,9 @@ macro_rules! retried {
 }
 
 impl Shared {
-    /// Marks connection `generation` as lost and starts reconnecting, unless that already
-    /// happened.
-    fn connection_lost(shared: &Arc<Self>, generation: u64) {
+    /// Marks connection `generation` as lost (dropping it) and starts reconnecting, unless that
+    /// already happened: the first request to see the loss logs it, the others stay quiet.
+    fn connection_lost(shared: &Arc<Self>, generation: u64, why: std::fmt::Arguments<'_>) {
         let mut started = false;
         shared.link.send_if_modified(|link| match link {
             Link::Up {
@@ -163,6 +200,7 @@ impl Shared {
             _ => false,
         });
         if started {
+            tracing::warn!(remote = %shared.address, "lost the connection to {}: {why}; reconnecting", shared.address);
             tokio::spawn(Self::reconnect(shared.clone(), generation + 1));
         }
     }
@@ -172,12 +210,12 @@ impl Shared {
         loop {
             match (self.connector)().await {
                 Ok(backend) => {
-                    tracing::info!(generation, "reconnected to the remote");
+                    tracing::info!(remote = %self.address, generation, "reconnected to {}", self.address);
                     self.link.send_replace(Link::Up { generation, backend });
                     return;
                 }
                 Err(err) => {
-                    tracing::warn!(%err, ?backoff, "reconnecting failed; retrying");
+                    tracing::debug!(remote = %self.address, %err, ?backoff, "reconnecting failed; retrying");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(self.options.max_backoff);
                 }
