@@ -1,0 +1,26 @@
+//! r3map delta file sync: the thesis' push-based method for plain files, driven by change
+//! events instead of polling.
+//!
+//! # Layout
+//! - [`wire`]: frames and their sans-IO codec (bounded sizes, versioned `Hello`).
+//! - [`hashes`]: per-block xxh3 (change detection) and blake3 (end-to-end digest).
+//! - [`delta`]: the I/O-free engine: which blocks a receiver lacks, and the checks on what a
+//!   peer sends.
+//! - [`conn`]: a framed connection with a deadline on every read and byte counters.
+//! - [`replica`]: the receiver's file: a staging copy, published atomically by rename.
+//! - [`source`]: the advertiser: hashes kept current from inotify events, one session per
+//!   receiver.
+//! - [`receiver`]: the receiving loop (resumes from its staging copy after a lost connection).
+//! - [`hub`]: relays receivers to advertisers; peers are grouped by the common name of their
+//!   client certificate (the sync id).
+//! - [`transport`]: TCP with optional TLS (r3map-tls), identities from certificates.
+
+#![forbid(unsafe_code)]
+
+pub mod delta;
+pub mod hashes;
+pub mod wire;
+
+pub use delta::{DeltaError, Plan};
+pub use hashes::BlockHashes;
+pub use wire::{Message, Role, WireError};
