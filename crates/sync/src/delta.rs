@@ -237,7 +237,7 @@ pub fn apply_size<T: BlockTarget>(
     hashes.resize(size);
     let block_size = hashes.block_size();
     let boundary = old_size.min(size) / u64::from(block_size);
-    if old_size % u64::from(block_size) != 0 || size % u64::from(block_size) != 0 {
+    if !old_size.is_multiple_of(u64::from(block_size)) || !size.is_multiple_of(u64::from(block_size)) {
         let (offset, len) = block_range(boundary, size, block_size);
         if len > 0 {
             let mut buf = vec![0; len];
