@@ -2,7 +2,7 @@
 //!
 //! # Layout
 //!
-//! - [`slice`]: the *slice* frontend, a memory region (`&mut [u8]` / raw pointer) whose pages
+//! - [`slice`](mod@slice): the *slice* frontend, a memory region (`&mut [u8]` / raw pointer) whose pages
 //!   are fetched from a backend on first touch (userfaultfd), populated in the background by
 //!   the puller, and whose writes are tracked per chunk (async write-protect + PAGEMAP_SCAN).
 //!   A region in another process can be served too (the userfaultfd travels over a UNIX

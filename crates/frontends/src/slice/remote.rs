@@ -1,0 +1,162 @@
+//! Serving another process' memory: the socket protocol a client uses to hand over its
+//! userfaultfd ([`RemoteRequest`]) and the server side ([`RemoteRegion`]).
+
+use std::io;
+use std::os::fd::{BorrowedFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use r3map_core::SharedBackend;
+
+use super::handler::Handler;
+use super::region::RegionHandle;
+use super::state::{owned_runtime, Inner};
+use super::{RegionError, RegionOptions};
+use crate::uffd::{self, Uffd};
+
+/// What a client process sends with its userfaultfd: the range to serve and its pid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RemoteRequest {
+    /// Start of the range in the client's address space (page-aligned).
+    pub addr: u64,
+    /// Length in bytes.
+    pub len: u64,
+    /// The client's process id (for PAGEMAP_SCAN and reading its memory).
+    pub pid: i32,
+}
+
+impl RemoteRequest {
+    const WIRE_LEN: usize = 20;
+
+    fn to_bytes(self) -> [u8; Self::WIRE_LEN] {
+        let mut out = [0u8; Self::WIRE_LEN];
+        out[..8].copy_from_slice(&self.addr.to_le_bytes());
+        out[8..16].copy_from_slice(&self.len.to_le_bytes());
+        out[16..].copy_from_slice(&self.pid.to_le_bytes());
+        out
+    }
+
+    /// Client side: sends a fresh userfaultfd (no UFFDIO_API done yet) and this request.
+    pub fn send(self, sock: &UnixStream, uffd: BorrowedFd<'_>) -> io::Result<()> {
+        uffd::send_fd(sock, uffd, &self.to_bytes())
+    }
+
+    /// Server side: receives the userfaultfd and the request.
+    pub fn receive(sock: &UnixStream) -> io::Result<(Self, OwnedFd)> {
+        let mut buf = [0u8; Self::WIRE_LEN];
+        let (fd, n) = uffd::recv_fd(sock, &mut buf)?;
+        if n != Self::WIRE_LEN {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("region request has {n} bytes, expected {}", Self::WIRE_LEN),
+            ));
+        }
+        let u64_at = |at: usize| u64::from_le_bytes(buf[at..at + 8].try_into().expect("8"));
+        Ok((
+            Self {
+                addr: u64_at(0),
+                len: u64_at(8),
+                pid: i32::from_le_bytes(buf[16..20].try_into().expect("4")),
+            },
+            fd,
+        ))
+    }
+}
+
+/// Serves page faults for a range of another process' memory (r3map as its page-fault
+/// server). The client creates a userfaultfd, sends it with a [`RemoteRequest`], and touches
+/// its memory; this side does the API handshake, registers the range and serves it. Dirty
+/// tracking reads the client's `/proc/<pid>/pagemap`.
+pub struct RemoteRegion {
+    handler: Handler,
+    handle: RegionHandle,
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl RemoteRegion {
+    /// Starts serving `request.len` bytes at `request.addr` of process `request.pid` from
+    /// `backend` (whose size must be at least `request.len`). `options.memory` is ignored: the
+    /// client decides (anonymous or shmem mappings both work).
+    pub fn serve(
+        uffd_fd: OwnedFd,
+        request: RemoteRequest,
+        backend: SharedBackend,
+        options: RegionOptions,
+    ) -> Result<Self, RegionError> {
+        let page = uffd::page_size();
+        if !request.addr.is_multiple_of(page) || request.len == 0 || !request.len.is_multiple_of(page) {
+            return Err(RegionError::InvalidConfig(format!(
+                "remote range {:#x}+{} is not a non-empty whole number of pages",
+                request.addr, request.len
+            )));
+        }
+        if backend.size() < request.len {
+            return Err(RegionError::InvalidConfig(format!(
+                "the backend has {} bytes but the remote range is {} bytes",
+                backend.size(),
+                request.len
+            )));
+        }
+        let uffd = Uffd::from_owned_fd(uffd_fd)?;
+        let pidfd = uffd::pidfd_open(request.pid).map_err(RegionError::io("pidfd_open"))?;
+        let (runtime_handle, runtime) = owned_runtime(options.runtime.clone())?;
+        let inner = Arc::new(Inner::setup(
+            uffd,
+            request.addr,
+            request.len,
+            Some(request.pid),
+            false,
+            backend,
+            &options,
+            runtime_handle,
+        )?);
+        let handler = Handler::start(inner.clone(), Some(pidfd))?;
+        Ok(Self {
+            handler,
+            handle: RegionHandle { inner },
+            runtime,
+        })
+    }
+
+    /// A cloneable handle for the control side.
+    pub fn handle(&self) -> RegionHandle {
+        self.handle.clone()
+    }
+
+    /// Waits until the client unmapped the range or exited; false on timeout.
+    pub fn wait_closed(&self, timeout: Duration) -> bool {
+        let inner = &self.handle.inner;
+        let mut closed = inner.peer_closed.lock();
+        let deadline = std::time::Instant::now() + timeout;
+        while !*closed {
+            if inner.peer_closed_cv.wait_until(&mut closed, deadline).timed_out() {
+                return *closed;
+            }
+        }
+        true
+    }
+}
+
+impl std::ops::Deref for RemoteRegion {
+    type Target = RegionHandle;
+    fn deref(&self) -> &RegionHandle {
+        &self.handle
+    }
+}
+
+impl Drop for RemoteRegion {
+    fn drop(&mut self) {
+        let inner = &self.handle.inner;
+        inner.closing.store(true, Ordering::Release);
+        if !*inner.peer_closed.lock() {
+            // Best effort: the client may already be gone.
+            let _ = inner.uffd.unregister(inner.base, inner.map_len);
+        }
+        self.handler.stop();
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}

@@ -1,0 +1,245 @@
+//! The state shared by the fault handler, fetch tasks and handles, and the feature
+//! negotiation with the kernel that creates it.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::time::Duration;
+
+use parking_lot::{Condvar, Mutex};
+use r3map_core::{AtomicBitmap, ChunkLayout, ChunkLocks, SharedBackend};
+use tokio::sync::watch;
+
+use super::{FaultError, RegionError, RegionOptions, TrackingMode, WriteTracking};
+use crate::uffd::{self, raw, Features, Pagemap, RegisterMode, Uffd, UffdError};
+
+pub(super) struct Inner {
+    pub(super) uffd: Uffd,
+    pub(super) base: u64,
+    /// Mapped length: the size rounded up to whole pages.
+    pub(super) map_len: u64,
+    pub(super) layout: ChunkLayout,
+    pub(super) page_size: u64,
+    pub(super) backend: SharedBackend,
+    pub(super) features: Features,
+    pub(super) tracking: TrackingMode,
+    pub(super) poison_supported: bool,
+    pub(super) pagemap: Option<Pagemap>,
+    /// Process whose memory this is (`None`: this process).
+    pub(super) pid: Option<i32>,
+    pub(super) runtime: tokio::runtime::Handle,
+    pub(super) fetch_timeout: Option<Duration>,
+    pub(super) detect_zero: bool,
+
+    pub(super) installed: AtomicBitmap,
+    pub(super) fault_pending: AtomicBitmap,
+    pub(super) poisoned: AtomicBitmap,
+    pub(super) known_zero: AtomicBitmap,
+    /// Dirty by other means than page writes (discarded pages, failed pushes).
+    pub(super) extra_dirty: AtomicBitmap,
+    /// Sync write-protect mode: chunks written since the last `take_dirty`.
+    pub(super) sync_dirty: AtomicBitmap,
+    /// One page of zeros (source for refilling single discarded pages).
+    pub(super) zero_page: Box<[u8]>,
+    pub(super) locks: ChunkLocks,
+    /// Orders un-protecting (fault handler) against re-protecting (`take_dirty`) in sync mode.
+    pub(super) wp_lock: Mutex<()>,
+    pub(super) scan_lock: Mutex<()>,
+    pub(super) buffers: Mutex<Vec<Vec<u8>>>,
+
+    pub(super) closing: AtomicBool,
+    pub(super) peer_closed: Mutex<bool>,
+    pub(super) peer_closed_cv: Condvar,
+    pub(super) errors: Mutex<VecDeque<FaultError>>,
+    pub(super) error_count: watch::Sender<u64>,
+
+    pub(super) faults: AtomicU64,
+    pub(super) fetches: AtomicU64,
+    pub(super) zero_chunks: AtomicU64,
+    pub(super) poisoned_count: AtomicU64,
+    pub(super) already_present: AtomicU64,
+}
+
+pub(super) fn owned_runtime(
+    given: Option<tokio::runtime::Handle>,
+) -> Result<(tokio::runtime::Handle, Option<tokio::runtime::Runtime>), RegionError> {
+    if let Some(handle) = given {
+        return Ok((handle, None));
+    }
+    if let Ok(handle) = tokio::runtime::Handle::try_current() {
+        return Ok((handle, None));
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("r3map-fetch")
+        .enable_all()
+        .build()
+        .map_err(RegionError::io("starting the fetch runtime"))?;
+    Ok((runtime.handle().clone(), Some(runtime)))
+}
+
+impl Inner {
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn setup(
+        uffd: Uffd,
+        base: u64,
+        size: u64,
+        pid: Option<i32>,
+        shmem: bool,
+        backend: SharedBackend,
+        options: &RegionOptions,
+        runtime: tokio::runtime::Handle,
+    ) -> Result<Self, RegionError> {
+        let page = uffd::page_size();
+        if options.chunk_size == 0 || !options.chunk_size.is_multiple_of(page) {
+            return Err(RegionError::InvalidConfig(format!(
+                "chunk size {} is not a positive multiple of the {page}-byte page size",
+                options.chunk_size
+            )));
+        }
+        let layout = ChunkLayout::new(size, options.chunk_size)
+            .map_err(|e| RegionError::InvalidConfig(e.to_string()))?;
+        let map_len = size.div_ceil(page) * page;
+
+        let available = Uffd::probe()?;
+        let mut wanted = u64::from(raw::UFFD_FEATURE_EVENT_REMOVE | raw::UFFD_FEATURE_EVENT_UNMAP);
+        if shmem {
+            if !available.has(raw::UFFD_FEATURE_MISSING_SHMEM) {
+                return Err(UffdError::Unsupported("userfaultfd on shared memory".into()).into());
+            }
+            wanted |= u64::from(raw::UFFD_FEATURE_MISSING_SHMEM);
+        }
+        let wp_possible = available.has(raw::UFFD_FEATURE_PAGEFAULT_FLAG_WP)
+            && (!shmem || available.has(raw::UFFD_FEATURE_WP_HUGETLBFS_SHMEM));
+        let tracking = match options.write_tracking {
+            WriteTracking::Off => TrackingMode::Off,
+            _ if !wp_possible => {
+                tracing::warn!("the kernel has no userfaultfd write-protect here; writes are not tracked");
+                TrackingMode::Off
+            }
+            WriteTracking::Auto if available.has(raw::UFFD_FEATURE_WP_ASYNC) => {
+                TrackingMode::AsyncWriteProtect
+            }
+            WriteTracking::Auto => {
+                tracing::warn!("no UFFD_FEATURE_WP_ASYNC; tracking writes with write-protect faults");
+                TrackingMode::SyncWriteProtect
+            }
+            WriteTracking::Sync => TrackingMode::SyncWriteProtect,
+        };
+        if tracking != TrackingMode::Off {
+            wanted |= u64::from(raw::UFFD_FEATURE_PAGEFAULT_FLAG_WP);
+            if shmem {
+                wanted |= u64::from(raw::UFFD_FEATURE_WP_HUGETLBFS_SHMEM);
+            }
+        }
+        if tracking == TrackingMode::AsyncWriteProtect {
+            wanted |= u64::from(raw::UFFD_FEATURE_WP_ASYNC);
+        }
+        let poison_supported = available.has(raw::UFFD_FEATURE_POISON);
+        if poison_supported {
+            wanted |= u64::from(raw::UFFD_FEATURE_POISON);
+        } else {
+            tracing::warn!("no UFFDIO_POISON: a fault that cannot be served stays blocked");
+        }
+        let features = uffd.api(wanted)?;
+        let ioctls = uffd.register(
+            base,
+            map_len,
+            RegisterMode {
+                missing: true,
+                write_protect: tracking != TrackingMode::Off,
+            },
+        )?;
+        for (bit, name) in [
+            (raw::IOCTL_BIT_COPY, "UFFDIO_COPY"),
+            (raw::IOCTL_BIT_ZEROPAGE, "UFFDIO_ZEROPAGE"),
+        ] {
+            if ioctls & bit == 0 {
+                return Err(UffdError::Unsupported(format!("{name} on this memory")).into());
+            }
+        }
+        if tracking != TrackingMode::Off && ioctls & raw::IOCTL_BIT_WRITEPROTECT == 0 {
+            return Err(UffdError::Unsupported("UFFDIO_WRITEPROTECT on this memory".into()).into());
+        }
+        let poison_supported = poison_supported && ioctls & raw::IOCTL_BIT_POISON != 0;
+        let pagemap = if tracking == TrackingMode::AsyncWriteProtect {
+            let pagemap = Pagemap::open(pid).map_err(RegionError::io("opening pagemap"))?;
+            // Nothing is present yet: this only proves PAGEMAP_SCAN works on the range.
+            let mut probe = Vec::new();
+            pagemap
+                .scan_written(base, base + map_len, true, &mut probe)
+                .map_err(RegionError::io("PAGEMAP_SCAN (needs Linux 6.7+)"))?;
+            Some(pagemap)
+        } else {
+            None
+        };
+        let chunks = layout.chunk_count();
+        let (error_count, _) = watch::channel(0);
+        Ok(Self {
+            uffd,
+            base,
+            map_len,
+            layout,
+            page_size: page,
+            backend,
+            features,
+            tracking,
+            poison_supported,
+            pagemap,
+            pid,
+            runtime,
+            fetch_timeout: options.fetch_timeout,
+            detect_zero: options.detect_zero_chunks,
+            installed: AtomicBitmap::new(chunks),
+            fault_pending: AtomicBitmap::new(chunks),
+            poisoned: AtomicBitmap::new(chunks),
+            known_zero: AtomicBitmap::new(chunks),
+            extra_dirty: AtomicBitmap::new(chunks),
+            sync_dirty: AtomicBitmap::new(chunks),
+            zero_page: vec![0u8; page as usize].into_boxed_slice(),
+            locks: ChunkLocks::new(),
+            wp_lock: Mutex::new(()),
+            scan_lock: Mutex::new(()),
+            buffers: Mutex::new(Vec::new()),
+            closing: AtomicBool::new(false),
+            peer_closed: Mutex::new(false),
+            peer_closed_cv: Condvar::new(),
+            errors: Mutex::new(VecDeque::new()),
+            error_count,
+            faults: AtomicU64::new(0),
+            fetches: AtomicU64::new(0),
+            zero_chunks: AtomicU64::new(0),
+            poisoned_count: AtomicU64::new(0),
+            already_present: AtomicU64::new(0),
+        })
+    }
+
+    /// Address range of a chunk, rounded up to whole pages (the tail chunk may be short).
+    pub(super) fn chunk_span(&self, chunk: u64) -> (u64, u64) {
+        let range = self.layout.chunk_range(chunk);
+        let len = (range.end - range.start).div_ceil(self.page_size) * self.page_size;
+        (self.base + range.start, len)
+    }
+
+    pub(super) fn chunk_of_addr(&self, addr: u64) -> Option<u64> {
+        if addr < self.base || addr >= self.base + self.map_len {
+            return None;
+        }
+        Some(((addr - self.base) / self.layout.chunk_size()).min(self.layout.chunk_count() - 1))
+    }
+
+    pub(super) fn chunks_of_span(&self, start: u64, end: u64) -> std::ops::Range<u64> {
+        let lo = start.max(self.base);
+        let hi = end.min(self.base + self.map_len);
+        if lo >= hi {
+            return 0..0;
+        }
+        let first = (lo - self.base) / self.layout.chunk_size();
+        let last = ((hi - 1 - self.base) / self.layout.chunk_size()).min(self.layout.chunk_count() - 1);
+        first..last + 1
+    }
+
+    pub(super) fn mark_peer_closed(&self) {
+        *self.peer_closed.lock() = true;
+        self.peer_closed_cv.notify_all();
+    }
+}
