@@ -10,6 +10,40 @@ use crate::Result;
 /// Largest buffer the default `write_zeroes` allocates; bigger ranges are written in pieces.
 const ZERO_PIECE: usize = 1 << 20;
 
+/// What a range of a backend holds, as far as the backend knows without reading it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Allocation {
+    /// The range may hold any bytes (the answer when a backend does not know).
+    Data,
+    /// The range was never written (or was trimmed) and reads as zeros: a copy can skip it.
+    Hole,
+}
+
+/// A run of bytes with one [`Allocation`], as returned by [`Backend::extents`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Extent {
+    pub len: u64,
+    pub allocation: Allocation,
+}
+
+impl Extent {
+    /// `len` bytes that may hold data.
+    pub fn data(len: u64) -> Self {
+        Self {
+            len,
+            allocation: Allocation::Data,
+        }
+    }
+
+    /// `len` bytes that read as zeros.
+    pub fn hole(len: u64) -> Self {
+        Self {
+            len,
+            allocation: Allocation::Hole,
+        }
+    }
+}
+
 /// Fixed-size random-access storage: a local memory region, a file, a directory of chunk files,
 /// or a remote (NBD, gRPC, Redis, S3), and every stage that wraps one.
 ///
@@ -51,6 +85,16 @@ pub trait Backend: Send + Sync + 'static {
         }
         Ok(())
     }
+
+    /// Which parts of the range at `offset` of `len` bytes (`len > 0`) hold data and which
+    /// are holes that read as zeros. The extents are in order, non-empty, and cover a non-empty
+    /// prefix of the range (a backend may stop early to bound its answer; ask again for the
+    /// rest). Reporting [`Allocation::Data`] for a hole is always correct, so the default
+    /// reports the whole range as data; stages that wrap a backend forward the question.
+    async fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        check_range(offset, len, self.size())?;
+        Ok(vec![Extent::data(len)])
+    }
 }
 
 /// The shared, type-erased backend every stage and frontend can hold.
@@ -75,5 +119,8 @@ impl<B: Backend + ?Sized> Backend for Arc<B> {
     }
     async fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
         (**self).write_zeroes(offset, len).await
+    }
+    async fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        (**self).extents(offset, len).await
     }
 }

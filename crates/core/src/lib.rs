@@ -24,7 +24,7 @@ pub mod stages;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 
-pub use backend::{Backend, SharedBackend};
+pub use backend::{Allocation, Backend, Extent, SharedBackend};
 pub use bitmap::AtomicBitmap;
 pub use error::{Error, Result};
 pub use layout::{check_range, ChunkLayout};

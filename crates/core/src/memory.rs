@@ -3,11 +3,13 @@
 //! It lives in the core crate because every managed stack needs a local cache and every stage
 //! test needs a backend to wrap.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use async_trait::async_trait;
 use parking_lot::RwLock;
 
 use crate::layout::check_range;
-use crate::{Backend, Result};
+use crate::{Allocation, Backend, Extent, Result};
 
 /// Bytes per independently locked segment: requests on different segments never contend.
 const SEGMENT_SIZE: u64 = 256 << 10;
@@ -17,6 +19,9 @@ const SEGMENT_SIZE: u64 = 256 << 10;
 #[derive(Debug)]
 pub struct MemoryBackend {
     segments: Box<[RwLock<Box<[u8]>>]>,
+    /// Per segment: whether anything was written to it since it was last wholly zeroed. The
+    /// others are reported as holes by [`Backend::extents`].
+    written: Box<[AtomicBool]>,
     size: u64,
 }
 
@@ -30,7 +35,12 @@ impl MemoryBackend {
                 RwLock::new(vec![0u8; len].into_boxed_slice())
             })
             .collect();
-        Self { segments, size }
+        let written = (0..count).map(|_| AtomicBool::new(false)).collect();
+        Self {
+            segments,
+            written,
+            size,
+        }
     }
 
     /// Calls `f(segment, offset within it, byte range of the request)` for every segment the
@@ -74,6 +84,9 @@ impl Backend for MemoryBackend {
         self.for_each_segment(offset, data.len(), |segment, within, range| {
             let mut bytes = self.segments[segment].write();
             let n = range.len();
+            // Set under the segment's lock, so a concurrent whole-segment zeroing cannot clear
+            // the flag after this write landed.
+            self.written[segment].store(true, Ordering::Release);
             bytes[within..within + n].copy_from_slice(&data[range]);
         });
         Ok(())
@@ -86,9 +99,33 @@ impl Backend for MemoryBackend {
     async fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
         check_range(offset, len, self.size)?;
         self.for_each_segment(offset, len as usize, |segment, within, range| {
-            self.segments[segment].write()[within..within + range.len()].fill(0);
+            let mut bytes = self.segments[segment].write();
+            bytes[within..within + range.len()].fill(0);
+            if range.len() == bytes.len() {
+                self.written[segment].store(false, Ordering::Release);
+            }
         });
         Ok(())
+    }
+
+    async fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        check_range(offset, len, self.size)?;
+        let mut extents: Vec<Extent> = Vec::new();
+        self.for_each_segment(offset, len as usize, |segment, _, range| {
+            let allocation = if self.written[segment].load(Ordering::Acquire) {
+                Allocation::Data
+            } else {
+                Allocation::Hole
+            };
+            match extents.last_mut() {
+                Some(last) if last.allocation == allocation => last.len += range.len() as u64,
+                _ => extents.push(Extent {
+                    len: range.len() as u64,
+                    allocation,
+                }),
+            }
+        });
+        Ok(extents)
     }
 }
 
@@ -105,6 +142,43 @@ mod tests {
         fn matches_model(size in 1u64..(3 * SEGMENT_SIZE), ops in testing::ops_strategy(SEGMENT_SIZE + 100, 40)) {
             testing::block_on(testing::check_against_model(&MemoryBackend::new(size), 1, &ops))?;
         }
+    }
+
+    #[test]
+    fn never_written_segments_are_holes() {
+        testing::block_on(async {
+            let backend = MemoryBackend::new(4 * SEGMENT_SIZE + 10);
+            let all = backend.size();
+            assert_eq!(backend.extents(0, all).await.unwrap(), vec![Extent::hole(all)]);
+            // A one-byte write makes its whole segment data; zeros written are data too.
+            backend.write_at(SEGMENT_SIZE + 5, &[1]).await.unwrap();
+            backend.write_at(3 * SEGMENT_SIZE, &[0]).await.unwrap();
+            let expected = vec![
+                Extent::hole(SEGMENT_SIZE),
+                Extent::data(SEGMENT_SIZE),
+                Extent::hole(SEGMENT_SIZE),
+                Extent::data(SEGMENT_SIZE),
+                Extent::hole(10),
+            ];
+            assert_eq!(backend.extents(0, all).await.unwrap(), expected);
+            // A query in the middle is cut to the range.
+            assert_eq!(
+                backend.extents(SEGMENT_SIZE + 7, 3).await.unwrap(),
+                vec![Extent::data(3)]
+            );
+            // Zeroing part of a segment keeps it data; zeroing all of it makes it a hole again.
+            backend.write_zeroes(SEGMENT_SIZE, 100).await.unwrap();
+            assert_eq!(
+                backend.extents(SEGMENT_SIZE, 1).await.unwrap(),
+                vec![Extent::data(1)]
+            );
+            backend.write_zeroes(SEGMENT_SIZE, SEGMENT_SIZE).await.unwrap();
+            assert_eq!(
+                backend.extents(0, 3 * SEGMENT_SIZE).await.unwrap(),
+                vec![Extent::hole(3 * SEGMENT_SIZE)]
+            );
+            assert!(backend.extents(all, 1).await.is_err());
+        });
     }
 
     #[test]

@@ -158,7 +158,36 @@ pub async fn check_content(backend: &dyn Backend, model: &[u8]) -> Result<(), Te
         .read_at(0, &mut all)
         .await
         .map_err(|e| TestCaseError::fail(format!("full read failed: {e}")))?;
-    check(all == model, || "final content differs from the model".into())
+    check(all == model, || "final content differs from the model".into())?;
+    check_extents(backend, model).await
+}
+
+/// Checks [`Backend::extents`] over the whole backend: the extents are in order, non-empty,
+/// tile the backend exactly (asking again after a short answer), and every hole reads as zeros
+/// in `model`.
+pub async fn check_extents(backend: &dyn Backend, model: &[u8]) -> Result<(), TestCaseError> {
+    let size = backend.size();
+    let mut at = 0u64;
+    while at < size {
+        let extents = backend
+            .extents(at, size - at)
+            .await
+            .map_err(|e| TestCaseError::fail(format!("extents at {at} failed: {e}")))?;
+        check(!extents.is_empty(), || format!("no extents at {at}"))?;
+        for extent in extents {
+            check(extent.len > 0 && extent.len <= size - at, || {
+                format!("extent of {} bytes at {at} of a {size}-byte backend", extent.len)
+            })?;
+            if extent.allocation == crate::Allocation::Hole {
+                let range = at as usize..(at + extent.len) as usize;
+                check(model[range.clone()].iter().all(|&b| b == 0), || {
+                    format!("hole {range:?} holds data")
+                })?;
+            }
+            at += extent.len;
+        }
+    }
+    Ok(())
 }
 
 /// Splits an all-zero backend into `tasks` disjoint windows (aligned to `alignment`) and runs a

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use async_trait::async_trait;
 use prometheus_client::encoding::EncodeLabelValue;
-use r3map_core::{Backend, Error, Result};
+use r3map_core::{Backend, Error, Extent, Result};
 
 use crate::{BackendLabels, Metrics, Op};
 
@@ -85,6 +85,9 @@ impl<B: Backend> Backend for Metered<B> {
     async fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
         self.count(Op::write_zeroes, 0, self.inner.write_zeroes(offset, len))
             .await
+    }
+    async fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        self.inner.extents(offset, len).await
     }
 }
 

@@ -6,7 +6,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use async_trait::async_trait;
-use r3map_core::{Backend, Error, Result};
+use r3map_core::{Backend, Error, Extent, Result};
 use tokio::sync::RwLock;
 
 /// A backend whose writes can be fenced off.
@@ -79,6 +79,9 @@ impl<B: Backend> Backend for Fence<B> {
     }
     async fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
         self.write(self.inner.write_zeroes(offset, len)).await
+    }
+    async fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        self.inner.extents(offset, len).await
     }
 }
 

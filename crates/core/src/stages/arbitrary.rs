@@ -3,7 +3,7 @@
 
 use async_trait::async_trait;
 
-use crate::{check_range, Backend, ChunkGuard, ChunkLayout, ChunkLocks, Result};
+use crate::{check_range, Backend, ChunkGuard, ChunkLayout, ChunkLocks, Extent, Result};
 
 /// Unaligned I/O over a backend that only takes whole chunks.
 ///
@@ -118,6 +118,10 @@ impl<B: Backend> Backend for Arbitrary<B> {
 
     async fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
         self.zero_range(offset, len, false).await
+    }
+
+    async fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        self.inner.extents(offset, len).await
     }
 }
 

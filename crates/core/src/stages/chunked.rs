@@ -2,7 +2,7 @@
 
 use async_trait::async_trait;
 
-use crate::{check_range, Backend, ChunkLayout, Error, Result};
+use crate::{check_range, Backend, ChunkLayout, Error, Extent, Result};
 
 /// Rejects requests that are out of range, not chunk-aligned, or larger than `max_request`.
 /// Bounds are checked before alignment, so a request past the end always says so.
@@ -65,6 +65,9 @@ impl<B: Backend> Backend for Chunked<B> {
     async fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
         self.check(offset, len)?;
         self.inner.write_zeroes(offset, len).await
+    }
+    async fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        self.inner.extents(offset, len).await
     }
 }
 

@@ -7,7 +7,7 @@ use async_trait::async_trait;
 use parking_lot::Mutex;
 use tokio::sync::{OwnedRwLockWriteGuard, RwLock};
 
-use crate::{Backend, Result};
+use crate::{Backend, Extent, Result};
 
 /// A backend wrapper whose I/O waits while the gate is closed.
 #[derive(Debug)]
@@ -87,6 +87,10 @@ impl<B: Backend> Backend for Gate<B> {
     async fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
         let _pass = self.in_flight.read().await;
         self.inner.write_zeroes(offset, len).await
+    }
+    async fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        let _pass = self.in_flight.read().await;
+        self.inner.extents(offset, len).await
     }
 }
 

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use async_trait::async_trait;
 
-use crate::{check_range, AtomicBitmap, Backend, ChunkLayout, Result};
+use crate::{check_range, AtomicBitmap, Backend, ChunkLayout, Extent, Result};
 
 /// Records written chunks once tracking has started.
 #[derive(Debug)]
@@ -92,6 +92,9 @@ impl<B: Backend> Backend for Tracker<B> {
         let result = self.inner.write_zeroes(offset, len).await;
         self.record(offset, len);
         result
+    }
+    async fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        self.inner.extents(offset, len).await
     }
 }
 
