@@ -36,6 +36,7 @@ enum Command {
     Serve(commands::serve::Args),
     DelayProxy(commands::delay_proxy::Args),
     Cert(commands::cert::Args),
+    Sync(commands::sync::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -62,6 +63,7 @@ fn main() -> std::process::ExitCode {
             Command::Serve(args) => commands::serve::run(args).await,
             Command::DelayProxy(args) => commands::delay_proxy::run(args).await,
             Command::Cert(args) => commands::cert::run(args).await,
+            Command::Sync(args) => commands::sync::run(args).await,
         }
     });
     match result {

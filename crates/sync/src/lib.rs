@@ -17,9 +17,19 @@
 
 #![forbid(unsafe_code)]
 
+pub mod conn;
 pub mod delta;
 pub mod hashes;
+pub mod hub;
+pub mod receiver;
+pub mod replica;
+pub mod source;
+pub mod transport;
+pub mod watch;
 pub mod wire;
+
+/// Where a component reports notable events, one line each (the CLI prints them).
+pub type Log = std::sync::Arc<dyn Fn(String) + Send + Sync>;
 
 pub use delta::{DeltaError, Plan};
 pub use hashes::BlockHashes;

@@ -6,4 +6,5 @@ pub mod mirror;
 pub mod mount;
 pub mod serve;
 pub mod slice_server;
+pub mod sync;
 pub mod umount;
