@@ -96,6 +96,22 @@ enum SessionOutcome {
 
 impl From<ConnError> for SessionOutcome {
     fn from(err: ConnError) -> Self {
+        // With TLS 1.3 a server's refusal of our certificate arrives as an alert on the first
+        // read: that is final, not network trouble.
+        if let ConnError::Io(io) = &err {
+            if io
+                .get_ref()
+                .is_some_and(|inner| inner.is::<r3map_tls::rustls::Error>())
+            {
+                return SessionOutcome::Fatal(
+                    SessionError::Refused(format!(
+                        "the peer refused our TLS handshake: {}",
+                        r3map_tls::describe_handshake_error(io)
+                    ))
+                    .into(),
+                );
+            }
+        }
         match err {
             ConnError::Io(_) | ConnError::Timeout(_) | ConnError::Closed => SessionOutcome::Retry(err.into()),
             other => SessionOutcome::Fatal(SessionError::Conn(other).into()),

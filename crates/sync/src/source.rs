@@ -146,13 +146,21 @@ impl Source {
             conn.refuse(&reason).await;
             return Err(SessionError::Refused(reason));
         }
-        let hello = conn.recv().await?;
+        let hello = match conn.recv().await {
+            Ok(hello) => hello,
+            Err(err @ (ConnError::Wire(_) | ConnError::Protocol(_))) => {
+                let reason = err.to_string();
+                conn.refuse(&reason).await;
+                return Err(SessionError::Refused(reason));
+            }
+            Err(err) => return Err(err.into()),
+        };
         if let Err(reason) = check_hello(&hello, Role::Receiver, &self.config.name) {
             conn.refuse(&reason).await;
             return Err(SessionError::Refused(reason));
         }
         let (stream, leftover) = conn.into_parts();
-        self.session(
+        self.serve(
             restore(stream, leftover, timeout),
             &format!("{peer} ({identity})"),
         )
@@ -212,12 +220,21 @@ impl Source {
             conn.refuse(&reason).await;
             return Err(SessionError::Refused(reason));
         }
-        self.session(conn, &format!("via hub (ticket {ticket})")).await
+        self.serve(conn, &format!("via hub (ticket {ticket})")).await
+    }
+
+    /// Runs a session; a peer that broke the protocol is told why before the connection closes.
+    async fn serve(&self, mut conn: Conn, peer: &str) -> Result<(), SessionError> {
+        let result = self.session(&mut conn, peer).await;
+        if let Err(SessionError::Conn(err @ (ConnError::Wire(_) | ConnError::Protocol(_)))) = &result {
+            conn.refuse(&err.to_string()).await;
+        }
+        result
     }
 
     /// One receiver's session, after its `Hello`: rounds of hash list → plan and blocks →
     /// `Published`, each answered as soon as there is something the receiver lacks.
-    async fn session(&self, mut conn: Conn, peer: &str) -> Result<(), SessionError> {
+    async fn session(&self, conn: &mut Conn, peer: &str) -> Result<(), SessionError> {
         let block_size = self.config.block_size;
         conn.send(&Message::Welcome {
             version: VERSION,
@@ -259,7 +276,7 @@ impl Source {
                 }
             };
             let sent_before = self.counters.sent();
-            self.send_plan(&mut conn, &version, &plan).await?;
+            self.send_plan(conn, &version, &plan).await?;
             match conn.recv_skip_idle().await? {
                 Message::Published { digest } if digest == plan.digest => {
                     must_answer = false;
