@@ -217,11 +217,21 @@ pub fn to_core(status: &Status, timeout: Duration) -> Error {
             return err.into();
         }
     }
+    let lost = || {
+        Error::Io(std::sync::Arc::new(std::io::Error::new(
+            std::io::ErrorKind::ConnectionReset,
+            status.message().to_owned(),
+        )))
+    };
+    // A status with a cause was made on this side from a transport failure (the connection
+    // broke mid-call: tonic reports it as UNKNOWN "transport error"); a peer's own statuses
+    // carry no cause.
+    if std::error::Error::source(status).is_some() {
+        return lost();
+    }
     match status.code() {
         // The connection is gone (or never came up): reconnecting and retrying may help.
-        Code::Unavailable | Code::Cancelled | Code::Aborted => Error::Io(std::sync::Arc::new(
-            std::io::Error::new(std::io::ErrorKind::ConnectionReset, status.message().to_owned()),
-        )),
+        Code::Unavailable | Code::Cancelled | Code::Aborted => lost(),
         Code::DeadlineExceeded => Error::Timeout(timeout),
         Code::Unauthenticated => Error::Remote(format!(
             "the server refused the credentials: {} (check --token-file)",
