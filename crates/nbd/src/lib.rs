@@ -8,12 +8,15 @@
 //! - [`server`]: listener, handshake and concurrent transmission phase ([`Server`]).
 //! - [`client`]: an async client that implements [`r3map_core::Backend`] ([`Client`]).
 //! - [`uri`]: `nbd://`, `nbds://`, `nbd+unix://` and `nbds+unix://` URIs.
+//! - [`testing`]: a hostile-server harness for client tests and fuzzing.
 //! - [`tls`]: TLS for `NBD_OPT_STARTTLS` (the shared `r3map-tls` configurations, mutual TLS).
 
 pub mod client;
 pub mod codec;
+mod keepalive;
 mod pool;
 pub mod server;
+pub mod testing;
 pub mod tls;
 pub mod uri;
 pub mod wire;

@@ -92,6 +92,9 @@ impl NbdUri {
             Some(at) => (&rest[..at], &rest[at + 1..]),
             None => (rest, ""),
         };
+        // `user@host`: NBD has no user names (libnbd uses them only for SSH), so the user
+        // part is dropped rather than taken for part of the host name.
+        let authority = authority.rsplit_once('@').map_or(authority, |(_, host)| host);
         let export = percent_decode(path, uri)?;
         let socket = query
             .split('&')
@@ -222,5 +225,38 @@ mod tests {
             Err(UriError::MissingSocket(_))
         ));
         assert!(matches!(NbdUri::parse("nbd://h/%zz"), Err(UriError::Encoding(_))));
+    }
+
+    #[test]
+    fn user_info_is_not_part_of_the_host() {
+        let uri = NbdUri::parse("nbd://alice@server.example:10811/disk").unwrap();
+        assert_eq!(
+            uri.transport,
+            Transport::Tcp {
+                host: "server.example".into(),
+                port: 10811
+            }
+        );
+        let uri = NbdUri::parse("nbds://bob@[::1]/").unwrap();
+        assert_eq!(uri.host(), "::1");
+        let uri = NbdUri::parse("nbd+unix://carol@/e?socket=/s").unwrap();
+        assert_eq!(uri.export, "e");
+    }
+
+    #[test]
+    fn display_percent_encodes_export_and_socket() {
+        let uri = NbdUri {
+            transport: Transport::Unix {
+                socket: "/tmp/a b&c=d.sock".into(),
+            },
+            export: "my disk/?#%".into(),
+            tls: false,
+        };
+        let text = uri.to_string();
+        assert_eq!(
+            text,
+            "nbd+unix:///my%20disk/%3F%23%25?socket=/tmp/a%20b%26c%3Dd.sock"
+        );
+        assert_eq!(NbdUri::parse(&text).unwrap(), uri);
     }
 }

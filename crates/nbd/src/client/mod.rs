@@ -1,35 +1,33 @@
 //! An async NBD client that implements [`r3map_core::Backend`].
 //!
-//! After the handshake, a writer task sends requests and a reader task matches replies to
-//! pending requests by handle, so any number of callers can keep requests in flight on one
-//! connection. When the connection fails, every pending request and every later one gets an
-//! error; nothing waits forever.
+//! After the handshake ([`negotiate`]), a writer task sends requests and a reader task matches
+//! replies to pending requests by handle ([`replies`]), so any number of callers can keep
+//! requests in flight on one connection. When the connection fails, breaks the protocol or a
+//! request outlives [`ClientOptions::request_timeout`], every pending request and every later
+//! one gets an error and the connection is closed; nothing waits forever. Reconnecting is the
+//! job of the core `Reconnecting` stage, not of this client.
 
-use std::collections::HashMap;
+mod negotiate;
+mod replies;
+
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use bytes::{Buf, Bytes, BytesMut};
-use parking_lot::Mutex;
+use bytes::{Bytes, BytesMut};
 use r3map_core::{check_range, Backend, Error, Result};
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter, ReadHalf, WriteHalf};
-use tokio::net::{TcpStream, UnixStream};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
-use crate::codec::{self, CodecError, Info, ReplyHeader};
+use crate::codec::{self, CodecError};
 use crate::server::AsyncStream;
 use crate::tls::{ClientTls, TlsError};
-use crate::uri::{NbdUri, Transport, UriError};
-use crate::wire::{self, cmd, errno, opt, rep, reply_type, transmission_flags};
+use crate::uri::{NbdUri, UriError};
+use crate::wire::{self, cmd, transmission_flags};
+use negotiate::Negotiation;
+use replies::{Coverage, Outgoing, Pending, Shared};
 
 type BoxStream = Box<dyn AsyncStream>;
-
-/// Largest option reply the client accepts.
-const MAX_OPTION_REPLY: u32 = 1 << 20;
-/// Largest non-data structured chunk the client accepts.
-const MAX_CHUNK: u32 = 1 << 20;
 
 /// How to connect.
 #[derive(Debug, Clone)]
@@ -42,6 +40,10 @@ pub struct ClientOptions {
     pub max_in_flight: usize,
     /// Time allowed for connecting and the handshake.
     pub connect_timeout: Duration,
+    /// Time a sent request may wait for its reply. When one waits longer, the server (or the
+    /// link) is taken as frozen: every pending request fails and the connection is closed.
+    /// `None` waits forever (TCP keepalive still notices a vanished peer).
+    pub request_timeout: Option<Duration>,
 }
 
 impl Default for ClientOptions {
@@ -51,6 +53,7 @@ impl Default for ClientOptions {
             structured_replies: true,
             max_in_flight: 64,
             connect_timeout: Duration::from_secs(10),
+            request_timeout: Some(Duration::from_secs(60)),
         }
     }
 }
@@ -61,13 +64,17 @@ pub struct ExportInfo {
     pub name: String,
     pub description: Option<String>,
     pub size: u64,
-    /// Transmission flags (`wire::transmission_flags`).
+    /// Transmission flags (`wire::transmission_flags`); 0 when the server did not set
+    /// `NBD_FLAG_HAS_FLAGS`.
     pub flags: u16,
     pub min_block: u32,
     pub preferred_block: u32,
+    /// Largest payload the client sends or asks for in one request.
     pub max_payload: u32,
     /// Whether structured replies were negotiated.
     pub structured_replies: bool,
+    /// Context id of `base:allocation`, if the server offers it for this export.
+    pub base_allocation: Option<u32>,
 }
 
 impl ExportInfo {
@@ -115,267 +122,6 @@ pub enum ClientError {
     },
 }
 
-fn refused(option: u32, reply: u32, data: &[u8]) -> ClientError {
-    ClientError::Refused {
-        option: wire::option_name(option),
-        reply: rep::name(reply),
-        message: String::from_utf8_lossy(codec::truncate_bytes(data)).into_owned(),
-    }
-}
-
-async fn open_transport(uri: &NbdUri) -> Result<BoxStream, ClientError> {
-    match &uri.transport {
-        Transport::Tcp { host, port } => {
-            let addr = format!("{host}:{port}");
-            let host = host.trim_start_matches('[').trim_end_matches(']');
-            let stream = TcpStream::connect((host, *port))
-                .await
-                .map_err(|source| ClientError::Connect { addr, source })?;
-            stream.set_nodelay(true)?;
-            Ok(Box::new(stream))
-        }
-        Transport::Unix { socket } => {
-            let stream = UnixStream::connect(socket)
-                .await
-                .map_err(|source| ClientError::Connect {
-                    addr: socket.display().to_string(),
-                    source,
-                })?;
-            Ok(Box::new(stream))
-        }
-    }
-}
-
-/// The handshake phase from the client side.
-struct Negotiation {
-    io: BoxStream,
-    buf: BytesMut,
-    no_zeroes: bool,
-}
-
-impl Negotiation {
-    async fn start(uri: &NbdUri, options: &ClientOptions) -> Result<Self, ClientError> {
-        let tls = match (uri.tls, &options.tls) {
-            (true, None) => return Err(ClientError::TlsNotConfigured),
-            (true, Some(tls)) => Some(tls),
-            (false, _) => None,
-        };
-        let io = open_transport(uri).await?;
-        let mut this = Self {
-            io,
-            buf: BytesMut::with_capacity(4096),
-            no_zeroes: false,
-        };
-        let flags = loop {
-            if let Some(flags) = codec::decode_greeting(&mut this.buf)? {
-                break flags;
-            }
-            this.fill().await?;
-        };
-        if flags & wire::handshake_flags::FIXED_NEWSTYLE == 0 {
-            return Err(ClientError::NotFixedNewstyle);
-        }
-        this.no_zeroes = flags & wire::handshake_flags::NO_ZEROES != 0;
-        let mut client_flags = wire::client_flags::FIXED_NEWSTYLE;
-        if this.no_zeroes {
-            client_flags |= wire::client_flags::NO_ZEROES;
-        }
-        this.io.write_all(&client_flags.to_be_bytes()).await?;
-        if let Some(tls) = tls {
-            this.send(opt::STARTTLS, &[]).await?;
-            let reply = this.reply().await?;
-            if reply.reply != rep::ACK {
-                return Err(refused(opt::STARTTLS, reply.reply, &reply.data));
-            }
-            if !this.buf.is_empty() {
-                return Err(ClientError::Protocol(
-                    "data after the STARTTLS acknowledgement".into(),
-                ));
-            }
-            let name = tls.server_name(uri.host())?;
-            let stream = tls
-                .connector()
-                .connect(name, this.io)
-                .await
-                .map_err(ClientError::TlsHandshake)?;
-            this.io = Box::new(stream);
-        }
-        Ok(this)
-    }
-
-    async fn fill(&mut self) -> Result<(), ClientError> {
-        self.buf.reserve(4096);
-        if self.io.read_buf(&mut self.buf).await? == 0 {
-            return Err(ClientError::Io(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                "the NBD server closed the connection during the handshake",
-            )));
-        }
-        Ok(())
-    }
-
-    async fn send(&mut self, option: u32, data: &[u8]) -> Result<(), ClientError> {
-        let mut out = BytesMut::with_capacity(16 + data.len());
-        codec::encode_option(&mut out, option, data);
-        self.io.write_all(&out).await?;
-        self.io.flush().await?;
-        Ok(())
-    }
-
-    async fn reply(&mut self) -> Result<codec::OptionReply, ClientError> {
-        loop {
-            if let Some(reply) = codec::decode_option_reply(&mut self.buf, MAX_OPTION_REPLY)? {
-                return Ok(reply);
-            }
-            self.fill().await?;
-        }
-    }
-
-    async fn structured_replies(&mut self) -> Result<bool, ClientError> {
-        self.send(opt::STRUCTURED_REPLY, &[]).await?;
-        let reply = self.reply().await?;
-        Ok(reply.reply == rep::ACK)
-    }
-
-    async fn list(&mut self) -> Result<Vec<(String, String)>, ClientError> {
-        self.send(opt::LIST, &[]).await?;
-        let mut exports = Vec::new();
-        loop {
-            let reply = self.reply().await?;
-            match reply.reply {
-                rep::SERVER => exports.push(codec::parse_server_reply(&reply.data)?),
-                rep::ACK => return Ok(exports),
-                other => return Err(refused(opt::LIST, other, &reply.data)),
-            }
-        }
-    }
-
-    async fn abort(mut self) {
-        if self.send(opt::ABORT, &[]).await.is_ok() {
-            // Servers may close without acknowledging; either is fine.
-            let _ = tokio::time::timeout(Duration::from_secs(1), self.reply()).await;
-        }
-        let _ = self.io.shutdown().await;
-    }
-
-    /// `NBD_OPT_GO` (falling back to `NBD_OPT_EXPORT_NAME` on old servers).
-    async fn go(&mut self, export: &str, structured: bool) -> Result<ExportInfo, ClientError> {
-        let mut data = BytesMut::new();
-        codec::encode_export_request(
-            &mut data,
-            export,
-            &[wire::info::NAME, wire::info::DESCRIPTION, wire::info::BLOCK_SIZE],
-        );
-        self.send(opt::GO, &data).await?;
-        let mut info = ExportInfo {
-            name: export.to_string(),
-            description: None,
-            size: 0,
-            flags: 0,
-            min_block: 1,
-            preferred_block: 4096,
-            max_payload: wire::DEFAULT_MAX_PAYLOAD,
-            structured_replies: structured,
-        };
-        let mut have_export = false;
-        loop {
-            let reply = self.reply().await?;
-            match reply.reply {
-                rep::INFO => match codec::parse_info(&reply.data)? {
-                    Info::Export { size, flags } => {
-                        info.size = size;
-                        info.flags = flags;
-                        have_export = true;
-                    }
-                    Info::Name(name) => info.name = name,
-                    Info::Description(text) => info.description = Some(text),
-                    Info::BlockSize {
-                        minimum,
-                        preferred,
-                        maximum,
-                    } => {
-                        info.min_block = minimum.max(1);
-                        info.preferred_block = preferred.max(1);
-                        info.max_payload = maximum.clamp(minimum.max(512), wire::DEFAULT_MAX_PAYLOAD);
-                    }
-                    Info::Unknown(_) => {}
-                },
-                rep::ACK if have_export => return Ok(info),
-                rep::ACK => {
-                    return Err(ClientError::Protocol(
-                        "NBD_OPT_GO succeeded without NBD_INFO_EXPORT".into(),
-                    ))
-                }
-                rep::ERR_UNSUP => {
-                    self.send(opt::EXPORT_NAME, export.as_bytes()).await?;
-                    let (size, flags) = loop {
-                        if let Some(found) = codec::decode_export_name_reply(&mut self.buf, self.no_zeroes) {
-                            break found;
-                        }
-                        self.fill().await?;
-                    };
-                    info.size = size;
-                    info.flags = flags;
-                    return Ok(info);
-                }
-                other => return Err(refused(opt::GO, other, &reply.data)),
-            }
-        }
-    }
-}
-
-/// A request waiting for its reply.
-struct Pending {
-    command: u16,
-    offset: u64,
-    length: u32,
-    /// Data of a read, filled by the reader task.
-    data: Vec<u8>,
-    /// Bytes of a structured read covered so far.
-    covered: u64,
-    error: Option<Error>,
-    done: oneshot::Sender<Result<Vec<u8>>>,
-}
-
-#[derive(Default)]
-struct Table {
-    pending: HashMap<u64, Pending>,
-    /// Set once the connection is gone; every later request fails with it.
-    closed: Option<Error>,
-}
-
-struct Shared {
-    table: Mutex<Table>,
-}
-
-impl Shared {
-    /// Fails every pending request and every later one with `error`.
-    fn close(&self, error: Error) {
-        let pending = {
-            let mut table = self.table.lock();
-            if table.closed.is_none() {
-                table.closed = Some(error.clone());
-            }
-            std::mem::take(&mut table.pending)
-        };
-        for (_, request) in pending {
-            let _ = request.done.send(Err(error.clone()));
-        }
-    }
-}
-
-fn connection_lost(detail: impl std::fmt::Display) -> Error {
-    Error::from(std::io::Error::new(
-        std::io::ErrorKind::ConnectionAborted,
-        format!("NBD connection lost: {detail}"),
-    ))
-}
-
-struct Outgoing {
-    head: BytesMut,
-    payload: Option<Bytes>,
-}
-
 /// A connected NBD export, usable as an r3map [`Backend`].
 pub struct Client {
     info: ExportInfo,
@@ -383,6 +129,7 @@ pub struct Client {
     requests: mpsc::Sender<Outgoing>,
     slots: Semaphore,
     next_handle: AtomicU64,
+    request_timeout: Option<Duration>,
 }
 
 impl std::fmt::Debug for Client {
@@ -391,6 +138,16 @@ impl std::fmt::Debug for Client {
             .field("info", &self.info)
             .finish_non_exhaustive()
     }
+}
+
+async fn start(uri: &NbdUri, options: &ClientOptions) -> Result<Negotiation, ClientError> {
+    let tls = match (uri.tls, &options.tls) {
+        (true, None) => return Err(ClientError::TlsNotConfigured),
+        (true, Some(tls)) => Some((tls, uri.host())),
+        (false, _) => None,
+    };
+    let io = negotiate::open_transport(uri).await?;
+    Negotiation::start(io, tls).await
 }
 
 impl Client {
@@ -402,30 +159,59 @@ impl Client {
     /// Connects to the export named by a parsed NBD URI.
     pub async fn connect_uri(uri: &NbdUri, options: ClientOptions) -> Result<Self, ClientError> {
         let timeout = options.connect_timeout;
-        tokio::time::timeout(timeout, Self::connect_inner(uri, options))
+        let connecting = async {
+            let negotiation = start(uri, &options).await?;
+            Self::handshake(negotiation, &uri.export, &options).await
+        };
+        tokio::time::timeout(timeout, connecting)
             .await
             .map_err(|_| ClientError::Timeout(uri.to_string()))?
     }
 
-    async fn connect_inner(uri: &NbdUri, options: ClientOptions) -> Result<Self, ClientError> {
-        let mut negotiation = Negotiation::start(uri, &options).await?;
+    /// Runs the handshake for `export` over an already connected stream (no TLS): for
+    /// transports this crate does not open itself, and for tests that script the server.
+    pub async fn connect_stream<S: AsyncStream + 'static>(
+        stream: S,
+        export: &str,
+        options: ClientOptions,
+    ) -> Result<Self, ClientError> {
+        let timeout = options.connect_timeout;
+        let connecting = async {
+            let negotiation = Negotiation::start(Box::new(stream), None).await?;
+            Self::handshake(negotiation, export, &options).await
+        };
+        tokio::time::timeout(timeout, connecting)
+            .await
+            .map_err(|_| ClientError::Timeout(format!("export {export:?} over a stream")))?
+    }
+
+    async fn handshake(
+        mut negotiation: Negotiation,
+        export: &str,
+        options: &ClientOptions,
+    ) -> Result<Self, ClientError> {
         let structured = options.structured_replies && negotiation.structured_replies().await?;
-        let info = negotiation.go(&uri.export, structured).await?;
-        let Negotiation { io, buf, .. } = negotiation;
+        let base_allocation = if structured {
+            negotiation.base_allocation(export).await?
+        } else {
+            None
+        };
+        let mut info = negotiation.go(export, structured).await?;
+        info.base_allocation = base_allocation;
+        let (io, buf) = negotiation.into_parts();
         let (reader, writer) = tokio::io::split(io);
-        let shared = Arc::new(Shared {
-            table: Mutex::new(Table::default()),
-        });
+        let shared = Arc::new(Shared::new(structured));
         let max_in_flight = options.max_in_flight.max(1);
         let (requests, outgoing) = mpsc::channel(max_in_flight);
-        tokio::spawn(write_requests(writer, outgoing, shared.clone()));
-        tokio::spawn(read_replies(reader, buf, shared.clone()));
+        tokio::spawn(replies::write_requests(writer, outgoing, shared.clone()));
+        tokio::spawn(replies::read_replies(reader, buf, shared.clone()));
         Ok(Self {
             info,
             shared,
             requests,
             slots: Semaphore::new(max_in_flight),
             next_handle: AtomicU64::new(1),
+            request_timeout: options.request_timeout,
         })
     }
 
@@ -437,7 +223,7 @@ impl Client {
         let uri = NbdUri::parse(uri)?;
         let timeout = options.connect_timeout;
         tokio::time::timeout(timeout, async {
-            let mut negotiation = Negotiation::start(&uri, &options).await?;
+            let mut negotiation = start(&uri, &options).await?;
             let exports = negotiation.list().await?;
             negotiation.abort().await;
             Ok(exports)
@@ -451,7 +237,8 @@ impl Client {
         &self.info
     }
 
-    /// Sends one request and waits for its reply (a read's data for reads).
+    /// Sends one request and waits for its reply (a read's data for reads, the raw extent
+    /// descriptors for block status).
     async fn call(
         &self,
         command: u16,
@@ -465,7 +252,7 @@ impl Client {
         // caller never leaves a request registered but unsent.
         let permit = match self.requests.reserve().await {
             Ok(permit) => permit,
-            Err(_) => return Err(self.closed_error()),
+            Err(_) => return Err(self.closed_error().await),
         };
         let handle = self.next_handle.fetch_add(1, Ordering::Relaxed);
         let (done, result) = oneshot::channel();
@@ -486,7 +273,9 @@ impl Client {
                     offset,
                     length,
                     data,
-                    covered: 0,
+                    context: self.info.base_allocation.unwrap_or(0),
+                    coverage: Coverage::default(),
+                    chunked: false,
                     error: None,
                     done,
                 },
@@ -495,19 +284,32 @@ impl Client {
         let mut head = BytesMut::with_capacity(wire::REQUEST_HEADER_LEN);
         codec::encode_request(&mut head, flags, command, handle, offset, length);
         permit.send(Outgoing { head, payload });
-        match result.await {
+        let reply = match self.request_timeout {
+            None => result.await,
+            Some(limit) => match tokio::time::timeout(limit, result).await {
+                Ok(reply) => reply,
+                Err(_) => {
+                    // A frozen server's connection cannot be trusted any more.
+                    self.shared.close(Error::Timeout(limit));
+                    return Err(Error::Timeout(limit));
+                }
+            },
+        };
+        match reply {
             Ok(result) => result,
-            Err(_) => Err(self.closed_error()),
+            Err(_) => Err(self.closed_error().await),
         }
     }
 
-    fn closed_error(&self) -> Error {
+    /// The error the connection was closed with (the tasks record it right after they stop).
+    async fn closed_error(&self) -> Error {
+        self.shared.closed().await;
         self.shared
             .table
             .lock()
             .closed
             .clone()
-            .unwrap_or_else(|| connection_lost("the connection tasks stopped"))
+            .unwrap_or_else(|| replies::connection_lost("the connection tasks stopped"))
     }
 
     fn check(&self, offset: u64, len: u64, write: bool) -> Result<()> {
@@ -526,10 +328,9 @@ impl Client {
         Ok(())
     }
 
-    /// Pieces of at most the server's maximum payload, aligned to its minimum block size.
+    /// Pieces of at most the negotiated payload (already a multiple of the minimum block).
     fn piece_len(&self) -> usize {
-        let min = self.info.min_block.max(1);
-        (self.info.max_payload / min * min).max(min) as usize
+        self.info.max_payload as usize
     }
 
     /// Asks the server to prefetch a range (`NBD_CMD_CACHE`), if it supports that.
@@ -543,7 +344,7 @@ impl Client {
 
     /// Ranged commands without payload (trim, zeroes), split into `u32` lengths.
     async fn ranged(&self, command: u16, flags: u16, offset: u64, len: u64) -> Result<()> {
-        let step = u64::from(u32::MAX) / 4096 * 4096;
+        let step = u64::from(u32::MAX) / 65536 * 65536;
         let mut done = 0;
         while done < len {
             let n = (len - done).min(step);
@@ -615,226 +416,6 @@ impl Backend for Client {
             self.call(cmd::WRITE, 0, offset + done, n as u32, Some(payload))
                 .await?;
             done += n as u64;
-        }
-        Ok(())
-    }
-}
-
-async fn write_requests(
-    writer: WriteHalf<BoxStream>,
-    mut outgoing: mpsc::Receiver<Outgoing>,
-    shared: Arc<Shared>,
-) {
-    let mut writer = BufWriter::with_capacity(256 << 10, writer);
-    let result: std::io::Result<()> = async {
-        while let Some(out) = outgoing.recv().await {
-            writer.write_all(&out.head).await?;
-            if let Some(payload) = &out.payload {
-                writer.write_all(payload).await?;
-            }
-            if outgoing.is_empty() {
-                writer.flush().await?;
-            }
-        }
-        // The client was dropped: disconnect softly.
-        let mut disc = BytesMut::new();
-        codec::encode_request(&mut disc, 0, cmd::DISC, 0, 0, 0);
-        writer.write_all(&disc).await?;
-        writer.flush().await?;
-        writer.shutdown().await
-    }
-    .await;
-    if let Err(err) = result {
-        shared.close(connection_lost(err));
-    }
-}
-
-async fn read_replies(reader: ReadHalf<BoxStream>, buf: BytesMut, shared: Arc<Shared>) {
-    let mut replies = ReplyReader { reader, buf };
-    let error = loop {
-        match replies.next(&shared).await {
-            Ok(true) => {}
-            Ok(false) => break connection_lost("the server closed the connection"),
-            Err(err) => break connection_lost(err),
-        }
-    };
-    tracing::debug!(%error, "NBD client connection ended");
-    shared.close(error);
-}
-
-struct ReplyReader {
-    reader: ReadHalf<BoxStream>,
-    buf: BytesMut,
-}
-
-fn protocol(detail: impl std::fmt::Display) -> Error {
-    Error::Remote(format!("the server broke the protocol: {detail}"))
-}
-
-fn server_error(pending: &Pending, error: u32, message: &str) -> Error {
-    let what = format!(
-        "{} of {} bytes at offset {}",
-        wire::command_name(pending.command),
-        pending.length,
-        pending.offset
-    );
-    let text = if message.is_empty() {
-        format!("NBD server replied {} to {what}", errno::name(error))
-    } else {
-        format!("NBD server replied {} to {what}: {message}", errno::name(error))
-    };
-    match error {
-        errno::EPERM if pending.command != cmd::READ => Error::ReadOnly,
-        _ => Error::Remote(text),
-    }
-}
-
-impl ReplyReader {
-    async fn fill(&mut self) -> Result<bool> {
-        self.buf.reserve(64 << 10);
-        Ok(self.reader.read_buf(&mut self.buf).await? != 0)
-    }
-
-    /// Reads exactly `out.len()` bytes, first from the buffer, then from the socket.
-    async fn read_exact(&mut self, out: &mut [u8]) -> Result<()> {
-        let buffered = self.buf.len().min(out.len());
-        out[..buffered].copy_from_slice(&self.buf[..buffered]);
-        self.buf.advance(buffered);
-        if buffered < out.len() {
-            self.reader.read_exact(&mut out[buffered..]).await?;
-        }
-        Ok(())
-    }
-
-    async fn skip(&mut self, mut len: usize) -> Result<()> {
-        let mut scratch = [0u8; 4096];
-        while len > 0 {
-            let n = len.min(scratch.len());
-            self.read_exact(&mut scratch[..n]).await?;
-            len -= n;
-        }
-        Ok(())
-    }
-
-    /// Handles one reply message; `Ok(false)` on a clean end of stream.
-    async fn next(&mut self, shared: &Shared) -> Result<bool> {
-        let header = loop {
-            match codec::decode_reply_header(&mut self.buf).map_err(protocol)? {
-                Some(header) => break header,
-                None => {
-                    if !self.fill().await? {
-                        return if self.buf.is_empty() {
-                            Ok(false)
-                        } else {
-                            Err(protocol("connection closed in the middle of a reply"))
-                        };
-                    }
-                }
-            }
-        };
-        let handle = header.handle();
-        let Some(mut pending) = shared.table.lock().pending.remove(&handle) else {
-            return Err(protocol(format!("reply for unknown handle {handle}")));
-        };
-        match header {
-            ReplyHeader::Simple { error, .. } => {
-                if error != 0 {
-                    let err = server_error(&pending, error, "");
-                    let _ = pending.done.send(Err(err));
-                } else {
-                    let mut data = std::mem::take(&mut pending.data);
-                    if pending.command == cmd::READ {
-                        self.read_exact(&mut data).await?;
-                    }
-                    let _ = pending.done.send(Ok(data));
-                }
-            }
-            ReplyHeader::Chunk {
-                flags, kind, length, ..
-            } => {
-                self.chunk(&mut pending, kind, length).await?;
-                if flags & wire::reply_flags::DONE != 0 {
-                    let result = match pending.error.take() {
-                        Some(err) => Err(err),
-                        None if pending.command == cmd::READ
-                            && pending.covered < u64::from(pending.length) =>
-                        {
-                            Err(protocol("a read reply did not cover the whole request"))
-                        }
-                        None => Ok(std::mem::take(&mut pending.data)),
-                    };
-                    let _ = pending.done.send(result);
-                } else {
-                    shared.table.lock().pending.insert(handle, pending);
-                }
-            }
-        }
-        Ok(true)
-    }
-
-    async fn chunk(&mut self, pending: &mut Pending, kind: u16, length: u32) -> Result<()> {
-        let is_read = pending.command == cmd::READ;
-        match kind {
-            reply_type::NONE => {
-                if length != 0 {
-                    return Err(protocol("NBD_REPLY_TYPE_NONE with a payload"));
-                }
-            }
-            reply_type::OFFSET_DATA if is_read => {
-                if length < 8 || length - 8 > pending.length {
-                    return Err(protocol(format!("data chunk of {length} bytes")));
-                }
-                let mut offset = [0u8; 8];
-                self.read_exact(&mut offset).await?;
-                let offset = u64::from_be_bytes(offset);
-                let len = u64::from(length - 8);
-                let start = offset
-                    .checked_sub(pending.offset)
-                    .filter(|start| start + len <= u64::from(pending.length))
-                    .ok_or_else(|| protocol("data chunk outside the requested range"))?;
-                let range = start as usize..(start + len) as usize;
-                self.read_exact(&mut pending.data[range]).await?;
-                pending.covered += len;
-            }
-            reply_type::OFFSET_HOLE if is_read => {
-                if length != 12 {
-                    return Err(protocol("hole chunk must be 12 bytes"));
-                }
-                let mut raw = [0u8; 12];
-                self.read_exact(&mut raw).await?;
-                let offset = u64::from_be_bytes(raw[..8].try_into().expect("8 bytes"));
-                let len = u64::from(u32::from_be_bytes(raw[8..].try_into().expect("4 bytes")));
-                let start = offset
-                    .checked_sub(pending.offset)
-                    .filter(|start| start + len <= u64::from(pending.length))
-                    .ok_or_else(|| protocol("hole chunk outside the requested range"))?;
-                pending.data[start as usize..(start + len) as usize].fill(0);
-                pending.covered += len;
-            }
-            kind if kind & reply_type::ERROR_BIT != 0 => {
-                if length > MAX_CHUNK {
-                    return Err(protocol(format!("error chunk of {length} bytes")));
-                }
-                let mut payload = vec![0u8; length as usize];
-                self.read_exact(&mut payload).await?;
-                let (error, message) = codec::parse_error_chunk(&payload).map_err(protocol)?;
-                let error = if error == 0 { errno::EINVAL } else { error };
-                pending
-                    .error
-                    .get_or_insert(server_error(pending, error, &message));
-            }
-            reply_type::BLOCK_STATUS if pending.command == cmd::BLOCK_STATUS => {
-                if length > MAX_CHUNK {
-                    return Err(protocol(format!("block status chunk of {length} bytes")));
-                }
-                self.skip(length as usize).await?;
-            }
-            other => {
-                return Err(protocol(format!(
-                    "unexpected chunk type {other} for {}",
-                    wire::command_name(pending.command)
-                )))
-            }
         }
         Ok(())
     }
