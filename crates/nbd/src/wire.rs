@@ -199,16 +199,17 @@ pub mod errno {
     const LINUX_EDQUOT: i32 = 122;
     const LINUX_EOPNOTSUPP: i32 = 95;
 
-    /// Maps an operating-system errno to the NBD error the protocol allows.
+    /// Maps an operating-system errno to the NBD error the protocol allows. `NBD_ENOTSUP` is
+    /// reserved for `NBD_CMD_FLAG_FAST_ZERO` (which this server does not offer), so a backend's
+    /// `EOPNOTSUPP` becomes `NBD_EINVAL`, as the protocol asks for unsupported requests.
     pub fn from_os(os: i32) -> u32 {
         match os {
             1 => EPERM,
             LINUX_EROFS => EPERM,
             12 => ENOMEM,
-            22 => EINVAL,
+            22 | LINUX_EOPNOTSUPP => EINVAL,
             28 | LINUX_EFBIG | LINUX_EDQUOT => ENOSPC,
             75 => EOVERFLOW,
-            LINUX_EOPNOTSUPP => ENOTSUP,
             108 => ESHUTDOWN,
             _ => EIO,
         }

@@ -1,0 +1,565 @@
+//! The transmission phase of one connection: the reader decodes and checks requests, runs
+//! each against the backend (as its own task, or inline for a write the backend completes at
+//! once) under the per-connection and server-wide budgets, and hands replies to the writer.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::Poll;
+
+use bytes::{Buf, Bytes, BytesMut};
+use r3map_core::SharedBackend;
+use tokio::io::AsyncReadExt;
+use tokio::sync::{mpsc, watch, Notify, OwnedSemaphorePermit, Semaphore};
+
+use super::handshake::Session;
+use super::reply_writer::write_replies;
+use super::{BoxStream, ConnectionError, State};
+use crate::codec::{self, Payload, Request, RequestDecoder};
+use crate::pool::{BufferPool, PooledBuf};
+use crate::wire::{self, cmd, cmd_flags, errno};
+
+/// Largest piece a `NBD_CMD_CACHE` reads at once.
+const CACHE_PIECE: usize = 1 << 20;
+/// Read data waiting for the writer above which a connection takes no new requests.
+const BACKLOG_HIGH: usize = 2 << 20;
+/// Read from the socket for request headers. A write's data goes straight into its own
+/// buffer; only the part that arrived with its header is copied out of this one.
+const READ_CHUNK: usize = 16 << 10;
+
+/// Read data of one connection on its way out, shared by the reader, the request tasks and
+/// the writer.
+///
+/// When the client reads replies more slowly than the backend produces them (a fast local
+/// backend), data read from the backend now would only wait in memory and fall out of the CPU
+/// caches before the kernel copies it into the socket, making both copies memory-bound. So the
+/// reader takes no new request while more than [`BACKLOG_HIGH`] bytes of read data wait for the
+/// writer. Reads still running at the backend are not limited by this (a slow remote backend
+/// keeps up to `max_in_flight` requests busy); they only make the reader yield once, so tasks
+/// it just spawned get to run and show whether their data is waiting.
+#[derive(Default)]
+pub(super) struct Backlog {
+    /// Bytes of reads handed to tasks that have not finished yet.
+    reading: AtomicUsize,
+    /// Bytes of read data finished and not yet written.
+    waiting: AtomicUsize,
+    /// Signalled by the writer when `waiting` drops to `BACKLOG_HIGH` or below.
+    drained: Notify,
+}
+
+impl Backlog {
+    /// Waits until the connection may take another request.
+    async fn admit(&self) {
+        if self.reading.load(Ordering::Acquire) + self.waiting.load(Ordering::Acquire) > BACKLOG_HIGH {
+            tokio::task::yield_now().await;
+        }
+        while self.waiting.load(Ordering::Acquire) > BACKLOG_HIGH {
+            self.drained.notified().await;
+        }
+    }
+
+    /// A read of `len` bytes finished; `produced` bytes of it go to the writer.
+    fn finished(&self, len: usize, produced: usize) {
+        self.waiting.fetch_add(produced, Ordering::AcqRel);
+        self.reading.fetch_sub(len, Ordering::AcqRel);
+    }
+
+    /// The writer sent `len` bytes of read data.
+    pub(super) fn sent(&self, len: usize) {
+        if len > 0 && self.waiting.fetch_sub(len, Ordering::AcqRel) - len <= BACKLOG_HIGH {
+            // A stored permit if the reader is not waiting yet: it then re-checks and goes on.
+            self.drained.notify_one();
+        }
+    }
+}
+
+/// A reply ready to be written, with the permits that account for its memory.
+pub(super) struct Outgoing {
+    pub(super) head: Bytes,
+    /// A read's data, sent right after `head` (one vectored write, no copy).
+    pub(super) data: Option<PooledBuf>,
+    // Fields drop in order: the buffer is back in the pool before its bytes are released.
+    _permits: Option<Permits>,
+}
+
+/// A request refused before it reached the backend.
+struct Refusal {
+    error: u32,
+    message: String,
+}
+
+fn refuse(error: u32, message: impl Into<String>) -> Refusal {
+    Refusal {
+        error,
+        message: message.into(),
+    }
+}
+
+/// Checks a request against the command, its flags, the export and the session.
+fn check_request(request: &Request, session: &Session, max_request: u32) -> Result<(), Refusal> {
+    let export = &session.export;
+    let name = wire::command_name(request.command);
+    let allowed = cmd_flags::FUA
+        | match request.command {
+            cmd::READ if session.structured => cmd_flags::DF,
+            cmd::WRITE_ZEROES => cmd_flags::NO_HOLE,
+            cmd::BLOCK_STATUS => cmd_flags::REQ_ONE,
+            _ => 0,
+        };
+    if !matches!(
+        request.command,
+        cmd::READ | cmd::WRITE | cmd::FLUSH | cmd::TRIM | cmd::CACHE | cmd::WRITE_ZEROES | cmd::BLOCK_STATUS
+    ) {
+        return Err(refuse(
+            errno::EINVAL,
+            format!("unknown command {}", request.command),
+        ));
+    }
+    if request.payload == Payload::Oversized {
+        return Err(refuse(
+            errno::EINVAL,
+            format!(
+                "write of {} bytes exceeds the maximum payload of {max_request} bytes",
+                request.length
+            ),
+        ));
+    }
+    if request.flags & !allowed != 0 {
+        return Err(refuse(
+            errno::EINVAL,
+            format!("flags {:#x} are not valid for {name}", request.flags & !allowed),
+        ));
+    }
+    let writes = matches!(request.command, cmd::WRITE | cmd::TRIM | cmd::WRITE_ZEROES);
+    if writes && export.read_only {
+        return Err(refuse(
+            errno::EPERM,
+            format!("export {:?} is read-only", export.name),
+        ));
+    }
+    if request.command == cmd::FLUSH {
+        return Ok(());
+    }
+    let size = export.backend.size();
+    let end = request.offset.checked_add(u64::from(request.length));
+    if end.is_none_or(|end| end > size) {
+        let error = if matches!(request.command, cmd::WRITE | cmd::WRITE_ZEROES) {
+            errno::ENOSPC
+        } else {
+            errno::EINVAL
+        };
+        return Err(refuse(
+            error,
+            format!(
+                "{name} of {} bytes at offset {} reaches past the end of the {size}-byte export",
+                request.length, request.offset
+            ),
+        ));
+    }
+    if request.command == cmd::READ && request.length > max_request {
+        let error = if session.structured {
+            errno::EOVERFLOW
+        } else {
+            errno::EINVAL
+        };
+        return Err(refuse(
+            error,
+            format!(
+                "read of {} bytes exceeds the maximum payload of {max_request} bytes",
+                request.length
+            ),
+        ));
+    }
+    if request.command == cmd::BLOCK_STATUS {
+        if !session.block_status {
+            return Err(refuse(
+                errno::EINVAL,
+                "BLOCK_STATUS needs base:allocation selected with NBD_OPT_SET_META_CONTEXT",
+            ));
+        }
+        if request.length == 0 {
+            return Err(refuse(errno::EINVAL, "BLOCK_STATUS of 0 bytes"));
+        }
+    }
+    Ok(())
+}
+
+fn error_reply(handle: u64, structured: bool, error: u32, message: &str) -> Bytes {
+    let mut head = BytesMut::with_capacity(32 + message.len());
+    if structured {
+        codec::encode_error_chunk(&mut head, handle, error, message);
+    } else {
+        codec::encode_simple_reply(&mut head, handle, error);
+    }
+    head.freeze()
+}
+
+fn ok_reply(handle: u64, structured: bool) -> Bytes {
+    let mut head = BytesMut::with_capacity(20);
+    if structured {
+        codec::encode_done_chunk(&mut head, handle);
+    } else {
+        codec::encode_simple_reply(&mut head, handle, 0);
+    }
+    head.freeze()
+}
+
+/// Runs one validated request against the backend and builds its reply. A read's data goes
+/// into a buffer from `pool`, whose class the caller holds in its byte permit; a write's data
+/// is `payload` (`None` for an empty write).
+async fn execute(
+    request: Request,
+    payload: Option<PooledBuf>,
+    session: &Session,
+    pool: &Arc<BufferPool>,
+    cache_piece: usize,
+) -> (Bytes, Option<PooledBuf>) {
+    let backend = &session.export.backend;
+    let structured = session.structured;
+    let fua = request.flags & cmd_flags::FUA != 0;
+    let handle = request.handle;
+    let offset = request.offset;
+    let length = u64::from(request.length);
+    let result = match request.command {
+        cmd::READ => {
+            let mut data = (request.length > 0).then(|| pool.take(request.length as usize));
+            let read = match &mut data {
+                Some(data) => backend.read_at(offset, data.as_mut_slice()).await,
+                None => backend.read_at(offset, &mut []).await,
+            };
+            match read {
+                Ok(()) => {
+                    let mut head = BytesMut::with_capacity(32);
+                    if !structured {
+                        codec::encode_simple_reply(&mut head, handle, 0);
+                    } else if request.length == 0 {
+                        codec::encode_done_chunk(&mut head, handle);
+                    } else {
+                        codec::encode_offset_data_header(&mut head, handle, offset, request.length);
+                    }
+                    return (head.freeze(), data);
+                }
+                Err(err) => Err(err),
+            }
+        }
+        cmd::WRITE => {
+            let data = payload.as_ref().map_or(&[][..], |data| data.as_ref());
+            let written = backend.write_at(offset, data).await;
+            // Back to the pool before the (possibly slow) sync.
+            drop(payload);
+            match written {
+                Ok(()) if fua => backend.sync().await,
+                other => other,
+            }
+        }
+        cmd::FLUSH => backend.sync().await,
+        cmd::TRIM => match backend.trim(offset, length).await {
+            Ok(()) if fua => backend.sync().await,
+            other => other,
+        },
+        cmd::WRITE_ZEROES => match backend.write_zeroes(offset, length).await {
+            Ok(()) if fua => backend.sync().await,
+            other => other,
+        },
+        cmd::CACHE => cache(backend, offset, length, pool, cache_piece).await,
+        cmd::BLOCK_STATUS => {
+            // Backends do not report holes: the whole range is "allocated, contents unknown",
+            // which the protocol allows for any block.
+            let available = backend.size() - offset;
+            let mut extent = length.min(available) as u32;
+            if request.flags & cmd_flags::REQ_ONE == 0 {
+                extent = available.min(u64::from(u32::MAX) & !511).max(u64::from(extent)) as u32;
+            }
+            let mut head = BytesMut::with_capacity(40);
+            codec::encode_block_status_chunk(&mut head, handle, wire::BASE_ALLOCATION_ID, &[(extent, 0)]);
+            return (head.freeze(), None);
+        }
+        _ => unreachable!("checked by check_request"),
+    };
+    match result {
+        Ok(()) => (ok_reply(handle, structured), None),
+        Err(err) => {
+            let error = errno::from_os(err.errno());
+            let message = format!("{} failed: {err}", wire::command_name(request.command));
+            tracing::debug!(handle, %message, "request failed");
+            (error_reply(handle, structured, error, &message), None)
+        }
+    }
+}
+
+/// `NBD_CMD_CACHE`: reads the range in pieces of `piece` bytes into one pooled buffer (the
+/// request holds its class of the budgets), so caching stages fetch it.
+async fn cache(
+    backend: &SharedBackend,
+    offset: u64,
+    length: u64,
+    pool: &Arc<BufferPool>,
+    piece: usize,
+) -> r3map_core::Result<()> {
+    if length == 0 {
+        return Ok(());
+    }
+    let mut buffer = pool.take(piece);
+    let buffer = buffer.as_mut_slice();
+    let mut done = 0u64;
+    while done < length {
+        let n = (length - done).min(piece as u64) as usize;
+        backend.read_at(offset + done, &mut buffer[..n]).await?;
+        done += n as u64;
+    }
+    Ok(())
+}
+
+/// The budgets one request holds until its reply is written: a request slot, its bytes of the
+/// connection's budget and the same bytes of the server's budget.
+type Permits = (OwnedSemaphorePermit, OwnedSemaphorePermit, OwnedSemaphorePermit);
+
+/// Why the reader stopped taking requests.
+enum Stop {
+    /// The client disconnected (or broke the stream: the error is in `result`).
+    Client,
+    /// The server shuts down: requests already received are answered with `ESHUTDOWN`.
+    Shutdown,
+}
+
+pub(super) async fn transmission(
+    state: Arc<State>,
+    io: BoxStream,
+    mut buf: BytesMut,
+    session: Session,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(), ConnectionError> {
+    tracing::debug!(
+        export = %session.export.name,
+        structured = session.structured,
+        "client entered transmission"
+    );
+    let session = Arc::new(session);
+    let (mut reader, writer) = tokio::io::split(io);
+    let (tx, rx) = mpsc::channel::<Outgoing>(state.max_in_flight);
+    let backlog = Arc::new(Backlog::default());
+    let mut writer = tokio::spawn(write_replies(writer, rx, backlog.clone(), state.write_timeout));
+    let count = Arc::new(Semaphore::new(state.max_in_flight));
+    let bytes = Arc::new(Semaphore::new(state.max_in_flight_bytes));
+    let pool = &state.pool;
+    let mut decoder = RequestDecoder::new(state.max_request);
+    let mut result = Ok(());
+    let stop = 'read: loop {
+        loop {
+            let request = match decoder.decode_header(&mut buf) {
+                Ok(Some(request)) => request,
+                Ok(None) => break,
+                Err(err) => {
+                    result = Err(err.into());
+                    break 'read Stop::Client;
+                }
+            };
+            if request.command == cmd::DISC {
+                break 'read Stop::Client;
+            }
+            let follows = request.payload == Payload::Follows;
+            if let Err(refusal) = check_request(&request, &session, state.max_request) {
+                if follows {
+                    decoder.discard(u64::from(request.length));
+                }
+                tracing::debug!(handle = request.handle, message = %refusal.message, "request refused");
+                let head = error_reply(
+                    request.handle,
+                    session.structured,
+                    refusal.error,
+                    &refusal.message,
+                );
+                let out = Outgoing {
+                    head,
+                    data: None,
+                    _permits: None,
+                };
+                tokio::select! {
+                    sent = tx.send(out) => if sent.is_err() { break 'read Stop::Client },
+                    () = shutting_down(&shutdown) => break 'read Stop::Shutdown,
+                }
+                continue;
+            }
+            // A read or write holds the whole class of its pooled buffer, a cache its piece
+            // (all at most `max_request`); other commands hold no buffer.
+            let cost = match request.command {
+                cmd::READ | cmd::WRITE if request.length > 0 => pool.class_of(request.length as usize),
+                cmd::CACHE if request.length > 0 => pool.class_of(cache_piece(&state, request.length)),
+                _ => 1,
+            } as u32;
+            let acquire = async {
+                backlog.admit().await;
+                let count = count.clone().acquire_owned().await.expect("never closed");
+                let bytes = bytes
+                    .clone()
+                    .acquire_many_owned(cost)
+                    .await
+                    .expect("never closed");
+                let memory = state
+                    .memory
+                    .clone()
+                    .acquire_many_owned(cost)
+                    .await
+                    .expect("never closed");
+                (count, bytes, memory)
+            };
+            let permits: Permits = tokio::select! {
+                permits = acquire => permits,
+                () = shutting_down(&shutdown) => {
+                    // Received but not started: answered like every later request.
+                    refuse_for_shutdown(&tx, &session, &request).await;
+                    if follows {
+                        decoder.discard(u64::from(request.length));
+                    }
+                    break 'read Stop::Shutdown;
+                }
+                _ = tx.closed() => break 'read Stop::Client,
+            };
+            let payload = if follows && request.length > 0 {
+                let mut data = pool.take(request.length as usize);
+                let target = data.as_mut_slice();
+                let buffered = buf.len().min(target.len());
+                target[..buffered].copy_from_slice(&buf[..buffered]);
+                buf.advance(buffered);
+                let read = tokio::select! {
+                    read = reader.read_exact(&mut target[buffered..]) => read,
+                    () = shutting_down(&shutdown) => break 'read Stop::Shutdown,
+                    _ = tx.closed() => break 'read Stop::Client,
+                    () = tokio::time::sleep(state.idle_timeout) => {
+                        result = Err(ConnectionError::Idle(state.idle_timeout));
+                        break 'read Stop::Client;
+                    }
+                };
+                if let Err(err) = read {
+                    result = Err(if err.kind() == std::io::ErrorKind::UnexpectedEof {
+                        ConnectionError::Truncated
+                    } else {
+                        err.into()
+                    });
+                    break 'read Stop::Client;
+                }
+                Some(data)
+            } else {
+                None
+            };
+            let session = session.clone();
+            let pool = pool.clone();
+            let backlog = backlog.clone();
+            let tx = tx.clone();
+            let reading = if request.command == cmd::READ {
+                request.length as usize
+            } else {
+                0
+            };
+            backlog.reading.fetch_add(reading, Ordering::AcqRel);
+            let is_write = request.command == cmd::WRITE;
+            let piece = cache_piece(&state, request.length);
+            let mut task = Box::pin(async move {
+                let (head, data) = execute(request, payload, &session, &pool, piece).await;
+                backlog.finished(reading, data.as_ref().map_or(0, |d| d.as_ref().len()));
+                let _ = tx
+                    .send(Outgoing {
+                        head,
+                        data,
+                        _permits: Some(permits),
+                    })
+                    .await;
+            });
+            // A write's data was just received on this thread and is in its cache: a backend
+            // that completes at once (local memory or page cache) copies it here. One that
+            // must wait (a remote backend) continues as its own task, as every other request.
+            if !is_write || poll_once(task.as_mut()).await.is_pending() {
+                tokio::spawn(task);
+            }
+        }
+        buf.reserve(READ_CHUNK);
+        let read = tokio::select! {
+            read = reader.read_buf(&mut buf) => read,
+            () = shutting_down(&shutdown) => break Stop::Shutdown,
+            _ = tx.closed() => break Stop::Client,
+            () = tokio::time::sleep(state.idle_timeout) => {
+                if count.available_permits() < state.max_in_flight {
+                    // Not idle: the client waits for replies. Keep reading.
+                    continue;
+                }
+                result = Err(ConnectionError::Idle(state.idle_timeout));
+                break Stop::Client;
+            }
+        };
+        match read {
+            Ok(0) => {
+                if !buf.is_empty() || decoder.skipping() > 0 {
+                    result = Err(ConnectionError::Truncated);
+                }
+                break Stop::Client;
+            }
+            Ok(_) => {}
+            Err(err) => {
+                result = Err(err.into());
+                break Stop::Client;
+            }
+        }
+    };
+    if let Stop::Shutdown = stop {
+        // Requests already received get `ESHUTDOWN` rather than silence.
+        while let Ok(Some(request)) = decoder.decode_header(&mut buf) {
+            if request.command == cmd::DISC || request.payload == Payload::Follows {
+                break;
+            }
+            refuse_for_shutdown(&tx, &session, &request).await;
+        }
+    }
+    // Requests in flight hold their own senders: the writer ends after their replies. After a
+    // shutdown they get the grace period; a client that stopped reading gets the write deadline.
+    drop(tx);
+    let finished = match stop {
+        Stop::Client => Ok((&mut writer).await),
+        Stop::Shutdown => tokio::time::timeout(state.shutdown_grace, &mut writer).await,
+    };
+    match finished {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(err))) => {
+            if result.is_ok() {
+                result = Err(err);
+            }
+        }
+        Ok(Err(join)) => std::panic::resume_unwind(join.into_panic()),
+        Err(_) => {
+            writer.abort();
+            result = Err(ConnectionError::ShutdownGrace(state.shutdown_grace));
+        }
+    }
+    result
+}
+
+/// Resolves once the server shuts down.
+async fn shutting_down(shutdown: &watch::Receiver<bool>) {
+    let _ = shutdown.clone().wait_for(|down| *down).await;
+}
+
+/// Answers `request` with `ESHUTDOWN` (best effort: the writer may be gone).
+async fn refuse_for_shutdown(tx: &mpsc::Sender<Outgoing>, session: &Session, request: &Request) {
+    let head = error_reply(
+        request.handle,
+        session.structured,
+        errno::ESHUTDOWN,
+        "the server is shutting down",
+    );
+    let out = Outgoing {
+        head,
+        data: None,
+        _permits: None,
+    };
+    let _ = tx.try_send(out);
+}
+
+/// Bytes a `NBD_CMD_CACHE` of `length` reads at once.
+fn cache_piece(state: &State, length: u32) -> usize {
+    (length as usize).min(CACHE_PIECE).min(state.max_request as usize)
+}
+
+/// Polls `future` once from the calling task.
+async fn poll_once<F: Future + Unpin>(mut future: F) -> Poll<F::Output> {
+    std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut future).poll(cx))).await
+}
