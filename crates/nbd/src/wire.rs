@@ -261,3 +261,18 @@ pub fn option_name(option: u32) -> &'static str {
         _ => "unknown option",
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn os_errors_map_to_the_errors_the_protocol_allows() {
+        // ENOTSUP is only for fast zeroing, which this server does not offer.
+        assert_eq!(errno::from_os(95), errno::EINVAL);
+        assert_eq!(errno::from_os(30), errno::EPERM);
+        assert_eq!(errno::from_os(122), errno::ENOSPC);
+        assert_eq!(errno::from_os(108), errno::ESHUTDOWN);
+        assert_eq!(errno::from_os(2), errno::EIO);
+    }
+}

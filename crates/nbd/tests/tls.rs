@@ -236,3 +236,24 @@ async fn qemu_io_speaks_mutual_tls_to_our_server() {
     assert!(first.iter().all(|&b| b == 0x42));
     running.stop().await;
 }
+
+#[tokio::test]
+async fn with_tls_required_an_oversized_option_gets_tls_reqd_not_too_big() {
+    use bytes::BytesMut;
+    use r3map_nbd::{codec, wire};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let ca = Ca::new("test CA");
+    let service = r3map_nbd::Service::new(tls_config(&ca, false, true)).unwrap();
+    let (mut client, server) = tokio::io::duplex(1 << 20);
+    tokio::spawn(async move { service.serve_stream(server).await });
+    let mut greeting = [0u8; wire::GREETING_LEN];
+    client.read_exact(&mut greeting).await.unwrap();
+    let mut out = BytesMut::new();
+    out.extend_from_slice(&wire::client_flags::FIXED_NEWSTYLE.to_be_bytes());
+    codec::encode_option(&mut out, wire::opt::INFO, &vec![0u8; 100 << 10]);
+    client.write_all(&out).await.unwrap();
+    let mut head = [0u8; wire::OPTION_REPLY_HEADER_LEN];
+    client.read_exact(&mut head).await.unwrap();
+    let reply = u32::from_be_bytes(head[12..16].try_into().unwrap());
+    assert_eq!(wire::rep::name(reply), wire::rep::name(wire::rep::ERR_TLS_REQD));
+}

@@ -11,8 +11,12 @@ use r3map_nbd::{Export, Server, ServerConfig, ServerTls};
 ///
 /// Each EXPORT is `[NAME=]SPEC`, e.g. `disk=file:/var/tmp/disk.img?size=1GiB`; the first export
 /// is also the default one (empty name). Listens on loopback unless told otherwise, prints the
-/// `nbd://` URI to use, and on SIGINT/SIGTERM stops accepting, finishes requests in flight and
-/// flushes every export before exiting.
+/// `nbd://` URI to use, and on SIGINT/SIGTERM stops accepting, finishes requests in flight
+/// (cutting connections still busy after 10 s) and flushes every export before exiting.
+///
+/// Limits against misbehaving clients: 30 s to finish the handshake, 10 min idle, 60 s for a
+/// client to take a reply (one that stops reading is dropped), --max-connections at once
+/// (more are refused and logged), and --memory-budget for the data of all requests in flight.
 #[derive(Debug, clap::Args)]
 #[command(verbatim_doc_comment)]
 pub struct Args {
@@ -46,6 +50,12 @@ pub struct Args {
     /// Largest request payload accepted
     #[arg(long, default_value = "32MiB", value_parser = parse_size)]
     max_request: u64,
+    /// Memory the data of all clients' requests may take at once (server-wide)
+    #[arg(long, default_value = "512MiB", value_parser = parse_size)]
+    memory_budget: u64,
+    /// Clients served at once; more are refused (and logged)
+    #[arg(long, default_value_t = 128)]
+    max_connections: usize,
 }
 
 pub async fn run(args: Args) -> Result<()> {
@@ -68,6 +78,11 @@ pub async fn run(args: Args) -> Result<()> {
     let mut config = ServerConfig::new(exports.clone());
     config.max_request = u32::try_from(args.max_request).context("--max-request must be below 4 GiB")?;
     config.max_in_flight_bytes = config.max_in_flight_bytes.max(config.max_request as usize);
+    config.memory_budget = usize::try_from(args.memory_budget).context("--memory-budget is too large")?;
+    if config.memory_budget < config.max_request as usize {
+        bail!("--memory-budget must be at least --max-request");
+    }
+    config.max_connections = args.max_connections;
     config.require_tls = args.require_tls;
     if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
         config.tls = Some(

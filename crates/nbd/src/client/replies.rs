@@ -369,7 +369,7 @@ impl ReplyReader {
                     .get_or_insert(server_error(pending, error, &message));
             }
             reply_type::BLOCK_STATUS if pending.command == cmd::BLOCK_STATUS => {
-                if length < 12 || length > MAX_CHUNK || (length - 4) % 8 != 0 {
+                if !(12..=MAX_CHUNK).contains(&length) || !(length - 4).is_multiple_of(8) {
                     return Err(protocol(format!("block status chunk of {length} bytes")));
                 }
                 let mut payload = vec![0u8; length as usize];

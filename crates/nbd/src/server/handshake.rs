@@ -3,6 +3,7 @@
 //! is still negotiating gets `NBD_REP_ERR_SHUTDOWN` for its next option and is disconnected.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -14,6 +15,8 @@ use crate::wire::{self, handshake_flags, opt, rep, transmission_flags};
 
 /// Option data above this many bytes is skipped and answered with `NBD_REP_ERR_TOO_BIG`.
 const MAX_OPTION_LEN: u32 = 64 << 10;
+/// How long a negotiating client may still send an option once the server shuts down.
+const SHUTDOWN_LINGER: Duration = Duration::from_millis(500);
 
 /// What the handshake agreed on.
 pub(super) struct Session {
@@ -22,8 +25,8 @@ pub(super) struct Session {
     pub(super) block_status: bool,
 }
 
-/// Reads until `decode` yields a frame; `Ok(None)` if the client closed cleanly or the server
-/// shuts down meanwhile.
+/// Reads until `decode` yields a frame; `Ok(None)` if the client closed cleanly, or sent
+/// nothing within [`SHUTDOWN_LINGER`] after the server began to shut down.
 async fn read_frame<T>(
     io: &mut BoxStream,
     buf: &mut BytesMut,
@@ -35,9 +38,18 @@ async fn read_frame<T>(
             return Ok(Some(frame));
         }
         buf.reserve(4096);
-        let read = tokio::select! {
-            read = io.read_buf(buf) => read?,
-            _ = shutdown.wait_for(|down| *down) => return Ok(None),
+        let read = if *shutdown.borrow() {
+            // Shutting down: a client mid-negotiation gets a little time to send its next
+            // option, so it can be told why (`NBD_REP_ERR_SHUTDOWN`), then it is dropped.
+            match tokio::time::timeout(SHUTDOWN_LINGER, io.read_buf(buf)).await {
+                Ok(read) => read?,
+                Err(_) => return Ok(None),
+            }
+        } else {
+            tokio::select! {
+                read = io.read_buf(buf) => read?,
+                _ = shutdown.wait_for(|down| *down) => continue,
+            }
         };
         if read == 0 {
             return if buf.is_empty() {
