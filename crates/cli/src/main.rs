@@ -7,6 +7,7 @@ mod demo;
 mod frontend;
 mod progress;
 mod remote;
+mod shutdown;
 
 use clap::{Parser, Subcommand};
 
@@ -66,6 +67,9 @@ fn main() -> std::process::ExitCode {
             Command::Sync(args) => commands::sync::run(args).await,
         }
     });
+    // Tasks still waiting for a remote that gave up (e.g. a FUSE unmount blocked on it) must
+    // not hold up the exit.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(err) => {

@@ -21,12 +21,18 @@ pub struct RemoteArgs {
     /// Client private key (PEM)
     #[arg(long, requires = "tls_cert")]
     tls_key: Option<PathBuf>,
-    /// How long a request may wait for an unreachable remote before failing (EIO)
+    /// Deadline of every remote request, from its start (waiting for a connection included):
+    /// past it the request fails (EIO to the application) and the connection is made anew
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     remote_timeout: Duration,
 }
 
 impl RemoteArgs {
+    /// The deadline of one remote request.
+    pub fn timeout(&self) -> Duration {
+        self.remote_timeout
+    }
+
     pub fn options(&self) -> Result<RemoteOptions> {
         let tls = match &self.tls_ca {
             Some(ca) => {

@@ -73,7 +73,7 @@ pub struct MountStats {
     pub total_bytes: u64,
     /// Bytes held in the local cache.
     pub local_bytes: u64,
-    /// Bytes written locally and not yet pushed.
+    /// Bytes written locally that the remote is not known to hold (dirty, or being pushed).
     pub dirty_bytes: u64,
     /// Bytes pushed to the remote so far.
     pub pushed_bytes: u64,
@@ -231,7 +231,7 @@ fn stats_of(synced: &Synced, pusher: &Pusher, chunk_size: u64, total_bytes: u64)
     MountStats {
         total_bytes,
         local_bytes: bytes(synced.local_count()),
-        dirty_bytes: bytes(pusher.dirty_count()),
+        dirty_bytes: bytes(pusher.unpushed_count()),
         pushed_bytes: pusher.pushed_bytes(),
     }
 }

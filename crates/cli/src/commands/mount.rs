@@ -12,16 +12,22 @@ use r3map_nbd::{Export, Server, ServerConfig};
 
 use crate::frontend::{Frontend, Mounted};
 use crate::progress::throughput;
+use crate::shutdown::{self, Holder};
 
 /// Mount a remote as a local file or block device
 ///
 /// Direct (default): every read and write goes to the remote. Managed (--managed): reads are
 /// served from a local cache that background workers fill, writes land locally and are pushed
-/// to the remote every --push-interval and on exit. Runs until SIGINT/SIGTERM, then flushes,
-/// pushes and unmounts. If a frontend is busy (e.g. a filesystem is mounted on the loop device)
-/// or the remote cannot take the final push, it says so and keeps running; signal again after
-/// freeing it. The third signal gives up: it detaches and exits with an error that says which
-/// writes may not have reached the remote.
+/// to the remote every --push-interval and on exit. Every remote request has a deadline
+/// (--remote-timeout): past it the application gets EIO and the connection is made anew.
+///
+/// Runs until SIGINT/SIGTERM, then flushes, pushes once more and unmounts. A remote that takes
+/// no data for --remote-timeout + 5 s (dead or frozen) ends this: the mount exits with an error
+/// saying how many bytes were not pushed and where they are (kept in the --cache directory and
+/// pushed on the next start, or lost with the in-memory cache). A second signal exits at once
+/// with the same account. If a frontend is busy (e.g. a filesystem is mounted on the loop
+/// device), it says so and keeps running; signal again after freeing it; the third signal gives
+/// up and detaches it.
 ///
 /// Without REMOTE it runs a demo: an embedded NBD server (loopback TCP) with 256 MiB of demo
 /// data is mounted, the file is read and written through the kernel, the writes are pushed and
@@ -151,7 +157,8 @@ pub async fn run(args: Args) -> Result<()> {
     }
     if let (Some(export), false, false) = (demo_export, args.hold, signalled) {
         let outcome = demo_checks(mounted.path(), size).await;
-        finish(&mut mounted, managed, started).await?;
+        let mount = managed.context("the demo mount is managed")?;
+        finish_demo(&mut mounted, mount, started).await?;
         let (read, written) = outcome?;
         println!(
             "demo: read {} through the kernel ({read}) and verified it",
@@ -172,44 +179,119 @@ pub async fn run(args: Args) -> Result<()> {
         }
         return Ok(());
     }
-    eprintln!("Ctrl-C or SIGTERM flushes, pushes and unmounts");
+    let stall_limit = args.remote_options.timeout() + shutdown::GRACE;
+    eprintln!(
+        "Ctrl-C or SIGTERM flushes, pushes and unmounts (giving up once the remote takes no data \
+         for {:.0} s; a second signal exits at once)",
+        stall_limit.as_secs_f64()
+    );
+    let holder = match (&managed, &args.cache) {
+        (None, _) => Holder::Direct,
+        (Some(_), None) => Holder::Memory,
+        (Some(_), Some(dir)) => Holder::Persistent(dir.clone()),
+    };
+    let unpushed = |managed: &Option<ManagedMount>| managed.as_ref().map_or(0, |m| m.stats().dirty_bytes);
     for attempt in 1..=GIVE_UP_AFTER {
         if attempt > 1 || !signalled {
             signals.recv().await;
         }
-        match mounted.close().await {
-            Ok(()) => return finish(&mut mounted, managed, started).await,
-            Err(err) if attempt < GIVE_UP_AFTER => eprintln!(
-                "cannot unmount yet: {err}; still mounted. Signal again to retry ({} more to give up)",
-                GIVE_UP_AFTER - attempt
-            ),
-            Err(err) => {
-                drop(mounted); // detaches lazily
-                bail!("gave up unmounting cleanly: {err}; writes since the last successful sync may not have reached the remote");
-            }
+        if let Some(mount) = &managed {
+            eprintln!(
+                "unmounting and pushing {} to {uri}",
+                format_bytes(mount.stats().dirty_bytes)
+            );
         }
+        let pushed = || managed.as_ref().map_or(0, |m| m.stats().pushed_bytes);
+        let close = async {
+            mounted.close().await?;
+            match &managed {
+                Some(mount) => mount.sync().await.context("the final push failed"),
+                None => Ok(()),
+            }
+        };
+        let failure = match shutdown::bounded(close, &mut signals, pushed, stall_limit).await {
+            Ok(Ok(())) => {
+                return finish(
+                    mounted,
+                    managed,
+                    started,
+                    &mut signals,
+                    stall_limit,
+                    &uri,
+                    &holder,
+                )
+                .await
+            }
+            Ok(Err(err)) if !shutdown::remote_failed(&err) && attempt < GIVE_UP_AFTER => {
+                eprintln!(
+                    "cannot unmount yet: {err}; still mounted. Signal again to retry ({} more to give up)",
+                    GIVE_UP_AFTER - attempt
+                );
+                continue;
+            }
+            Ok(Err(err)) => format!("{err:#}"),
+            Err(abandoned) => abandoned.to_string(),
+        };
+        let account = shutdown::account(unpushed(&managed), &uri, &holder);
+        give_up(mounted, managed);
+        bail!("gave up unmounting cleanly: {failure}; {account}");
     }
     unreachable!("the loop returns")
 }
 
-/// Unmounts (if not yet) and closes the managed mount, printing a summary.
-async fn finish(mounted: &mut Mounted, managed: Option<ManagedMount>, started: Instant) -> Result<()> {
-    mounted.close().await.context("unmounting failed")?;
-    if let Some(mount) = managed {
-        let fetched = mount.fetched_chunks();
-        let stats = mount.stats();
-        mount
-            .close()
-            .await
-            .context("the final push failed; the cache keeps the unpushed writes")?;
-        eprintln!(
-            "unmounted after {:.1} s: fetched {fetched} chunks from the remote, pushed {}",
-            started.elapsed().as_secs_f64(),
-            format_bytes(stats.pushed_bytes)
-        );
-    } else {
+/// Detaches the frontend (lazily if it is busy) and drops the mount without waiting for
+/// anything that still waits for the remote.
+fn give_up(mounted: Mounted, managed: Option<ManagedMount>) {
+    shutdown::drop_within((mounted, managed), Duration::from_secs(1));
+}
+
+/// After the frontend is unmounted and everything pushed: closes the managed mount (its final
+/// remote flush, bounded like the push) and prints a summary.
+async fn finish(
+    mounted: Mounted,
+    managed: Option<ManagedMount>,
+    started: Instant,
+    signals: &mut crate::ShutdownSignals,
+    stall_limit: Duration,
+    uri: &str,
+    holder: &Holder,
+) -> Result<()> {
+    drop(mounted);
+    let Some(mount) = managed else {
         eprintln!("unmounted after {:.1} s", started.elapsed().as_secs_f64());
+        return Ok(());
+    };
+    let (fetched, stats) = (mount.fetched_chunks(), mount.stats());
+    match shutdown::bounded(mount.close(), signals, || 0, stall_limit).await {
+        Ok(Ok(())) => {
+            eprintln!(
+                "unmounted after {:.1} s: fetched {fetched} chunks from the remote, pushed {}",
+                started.elapsed().as_secs_f64(),
+                format_bytes(stats.pushed_bytes)
+            );
+            Ok(())
+        }
+        Ok(Err(err)) => bail!(
+            "the final flush failed: {err}; {}",
+            shutdown::account(stats.dirty_bytes, uri, holder)
+        ),
+        Err(abandoned) => bail!(
+            "gave up the final flush: {abandoned}; {}",
+            shutdown::account(stats.dirty_bytes, uri, holder)
+        ),
     }
+}
+
+/// The demo's unmount and final push (its remote is in this process).
+async fn finish_demo(mounted: &mut Mounted, mount: ManagedMount, started: Instant) -> Result<()> {
+    mounted.close().await.context("unmounting failed")?;
+    let (fetched, stats) = (mount.fetched_chunks(), mount.stats());
+    mount.close().await.context("the final push failed")?;
+    eprintln!(
+        "unmounted after {:.1} s: fetched {fetched} chunks from the remote, pushed {}",
+        started.elapsed().as_secs_f64(),
+        format_bytes(stats.pushed_bytes)
+    );
     Ok(())
 }
 
