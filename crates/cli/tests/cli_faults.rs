@@ -68,6 +68,7 @@ fn dd_on_a_frozen_server_fails_with_eio_within_the_deadline_and_the_mount_recove
 
     server.signal("STOP");
     let (ok, stderr, took) = dd(&[&input, "of=/dev/null", "bs=64k", "count=1", "skip=17"]);
+    eprintln!("dd read of a frozen server: EIO after {took:?}");
     assert!(!ok && stderr.contains("Input/output error"), "dd read: {stderr}");
     assert!(
         took >= TIMEOUT - Duration::from_millis(100) && took < 2 * TIMEOUT + SLACK,
@@ -81,6 +82,7 @@ fn dd_on_a_frozen_server_fails_with_eio_within_the_deadline_and_the_mount_recove
         "seek=33",
         "conv=notrunc",
     ]);
+    eprintln!("dd write to a frozen server: EIO after {took:?}");
     assert!(!ok && stderr.contains("Input/output error"), "dd write: {stderr}");
     assert!(
         took < 2 * TIMEOUT + SLACK,
