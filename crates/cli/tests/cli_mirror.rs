@@ -79,7 +79,14 @@ fn help_documents_the_commands() {
     }
     let (ok, stdout, _) = r3map(&["mount", "--help"]);
     assert!(ok);
-    for needle in ["--keep-serving", "--tls-ca", "The third signal gives up"] {
+    for needle in [
+        "--keep-serving",
+        "--tls-ca",
+        "the third signal gives up",
+        "--remote-timeout + 5 s",
+        "A second signal exits at once",
+        "[default: 30s]",
+    ] {
         assert!(
             stdout.contains(needle),
             "r3map mount --help lacks {needle:?}: {stdout}"
