@@ -44,6 +44,28 @@ fn dd(args: &[&str]) -> (bool, String, Duration) {
     )
 }
 
+/// SIGSTOP, then waits (bounded) until every thread of the process has stopped: `kill` returns
+/// before a running thread notices the signal, and one could still answer a request.
+fn freeze(server: &Proc) {
+    server.signal("STOP");
+    let tasks = format!("/proc/{}/task", server.pid());
+    let deadline = Instant::now() + LONG;
+    loop {
+        let all_stopped = std::fs::read_dir(&tasks).unwrap().all(|task| {
+            let stat = std::fs::read_to_string(task.unwrap().path().join("stat")).unwrap_or_default();
+            // The state follows the parenthesised command name.
+            stat.rsplit(')')
+                .next()
+                .is_some_and(|rest| rest.trim_start().starts_with('T'))
+        });
+        if all_stopped {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the server did not stop");
+        std::thread::yield_now();
+    }
+}
+
 fn all_seen(proc: &Proc) -> String {
     proc.seen.join("\n")
 }
@@ -66,7 +88,7 @@ fn dd_on_a_frozen_server_fails_with_eio_within_the_deadline_and_the_mount_recove
     let input = format!("if={path}");
     let output = format!("of={path}");
 
-    server.signal("STOP");
+    freeze(&server);
     let (ok, stderr, took) = dd(&[&input, "of=/dev/null", "bs=64k", "count=1", "skip=17"]);
     eprintln!("dd read of a frozen server: EIO after {took:?}");
     assert!(!ok && stderr.contains("Input/output error"), "dd read: {stderr}");
@@ -160,7 +182,7 @@ fn sigterm_ends_a_managed_mount_of_a_frozen_server_within_the_bound() {
     let (mut mount, path) = managed_mount(&uri, &mnt, &["--remote-timeout", "2s"]);
     write_three_chunks(&path);
 
-    server.signal("STOP");
+    freeze(&server);
     let signalled = Instant::now();
     mount.signal("TERM");
     let ok = mount.wait_exit(LONG);
@@ -250,7 +272,7 @@ fn a_second_signal_exits_at_once_with_the_account() {
     let (mut mount, path) = managed_mount(&uri, &mnt, &["--remote-timeout", "60s"]);
     write_three_chunks(&path);
 
-    server.signal("STOP");
+    freeze(&server);
     mount.signal("TERM");
     mount.wait_for("unmounting and pushing", LONG);
     let signalled = Instant::now();
