@@ -82,7 +82,7 @@ fn help_documents_the_commands() {
     for needle in [
         "--keep-serving",
         "--tls-ca",
-        "the third signal gives up",
+        "The third signal gives up",
         "--remote-timeout + 5 s",
         "A second signal exits at once",
         "[default: 30s]",
