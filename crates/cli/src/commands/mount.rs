@@ -26,8 +26,8 @@ use crate::shutdown::{self, Holder};
 /// saying how many bytes were not pushed and where they are (kept in the --cache directory and
 /// pushed on the next start, or lost with the in-memory cache). A second signal exits at once
 /// with the same account. If a frontend is busy (e.g. a filesystem is mounted on the loop
-/// device), it says so and keeps running: signal again after freeing it. The third signal gives
-/// up and detaches it.
+/// device), it says so and keeps running: signal again after freeing it.
+/// The third signal gives up and detaches it.
 ///
 /// Without REMOTE it runs a demo: an embedded NBD server (loopback TCP) with 256 MiB of demo
 /// data is mounted, the file is read and written through the kernel, the writes are pushed and
