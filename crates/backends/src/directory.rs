@@ -18,9 +18,11 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use lru::LruCache;
 use parking_lot::Mutex;
-use r3map_core::{check_range, AtomicBitmap, Backend, ChunkLayout, Error, Result};
+use r3map_core::{check_range, AtomicBitmap, Backend, ChunkLayout, Error, Extent, Result};
 
-use crate::fileops::{offload, read_or_zeros, setup_error, sync_dir, sync_parent, zero_range, Zeroing};
+use crate::fileops::{
+    file_extents, offload, read_or_zeros, setup_error, sync_dir, sync_parent, zero_range, Zeroing,
+};
 
 const CHUNK_FILE_PREFIX: &str = "chunk-";
 
@@ -266,7 +268,36 @@ impl Backend for DirectoryBackend {
     async fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
         self.zero(offset, len, Zeroing::WriteZeroes)
     }
+
+    /// Missing chunk files are holes; inside a chunk file, its own holes (it is sparse until
+    /// written) and the part past its end are too.
+    async fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        check_range(offset, len, self.layout.size())?;
+        let mut extents: Vec<Extent> = Vec::new();
+        for piece in self.pieces(offset, len) {
+            let len = piece.bytes.len() as u64;
+            let found = match self.existing_file(piece.chunk)? {
+                Some(file) => file_extents(&file, piece.within, piece.within + len)?,
+                None => vec![Extent::hole(len)],
+            };
+            let complete = found.iter().map(|e| e.len).sum::<u64>() == len;
+            for extent in found {
+                match extents.last_mut() {
+                    Some(last) if last.allocation == extent.allocation => last.len += extent.len,
+                    _ => extents.push(extent),
+                }
+            }
+            // A short answer for one chunk, or enough extents: the caller asks again.
+            if !complete || extents.len() >= MAX_EXTENTS_PER_QUERY {
+                break;
+            }
+        }
+        Ok(extents)
+    }
 }
+
+/// Extents after which [`DirectoryBackend::extents`] stops (the caller asks again).
+const MAX_EXTENTS_PER_QUERY: usize = 1024;
 
 fn chunk_path(dir: &Path, chunk: u64) -> PathBuf {
     dir.join(chunk_file_name(chunk))

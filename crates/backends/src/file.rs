@@ -10,10 +10,10 @@ use std::path::Path;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use r3map_core::{check_range, Backend, Result};
+use r3map_core::{check_range, Backend, Extent, Result};
 
 use crate::direct::DirectFile;
-use crate::fileops::{offload, setup_error, sync_parent, zero_range, Zeroing};
+use crate::fileops::{file_extents, offload, setup_error, sync_parent, zero_range, Zeroing};
 
 /// How a [`FileBackend`] accesses its file.
 #[derive(Debug, Clone, Copy, Default)]
@@ -149,5 +149,10 @@ impl Backend for FileBackend {
 
     async fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
         self.zero(offset, len, Zeroing::WriteZeroes)
+    }
+
+    async fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        check_range(offset, len, self.size)?;
+        Ok(file_extents(&self.file, offset, offset + len)?)
     }
 }

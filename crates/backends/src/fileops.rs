@@ -5,12 +5,49 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-use r3map_core::{Error, Result};
+use r3map_core::{Error, Extent, Result};
 
-use crate::sys;
+use crate::sys::{self, Seek};
 
 /// Largest zero buffer the fallback allocates; bigger ranges are written in pieces.
 const ZERO_PIECE: u64 = 1 << 20;
+
+/// Most extents one query of a file returns; callers ask again for the rest.
+const MAX_EXTENTS: usize = 1024;
+
+/// The data and holes of `file` in `start..end` (a non-empty prefix of it, in order), found with
+/// `SEEK_DATA`/`SEEK_HOLE`. Bytes past the end of the file are holes (they read as zeros).
+/// Where the kernel cannot tell (a block device, an old filesystem), everything is data.
+pub(crate) fn file_extents(file: &File, start: u64, end: u64) -> io::Result<Vec<Extent>> {
+    let mut extents: Vec<Extent> = Vec::new();
+    let mut push = |extent: Extent| match extents.last_mut() {
+        Some(last) if last.allocation == extent.allocation => last.len += extent.len,
+        _ => extents.push(extent),
+    };
+    let mut at = start;
+    let mut count = 0;
+    while at < end && count < MAX_EXTENTS {
+        let data = match sys::seek(file, at, Seek::Data) {
+            Ok(found) => found.unwrap_or(end).min(end),
+            Err(err) if err.raw_os_error() == Some(libc::EINVAL) => {
+                push(Extent::data(end - at));
+                break;
+            }
+            Err(err) => return Err(err),
+        };
+        if data > at {
+            push(Extent::hole(data - at));
+            at = data;
+            count += 1;
+            continue;
+        }
+        let hole = sys::seek(file, at, Seek::Hole)?.unwrap_or(end).clamp(at + 1, end);
+        push(Extent::data(hole - at));
+        at = hole;
+        count += 1;
+    }
+    Ok(extents)
+}
 
 /// How a range is set to zeros.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

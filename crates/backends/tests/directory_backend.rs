@@ -178,3 +178,39 @@ fn invalid_configuration_is_refused() {
         "nothing written"
     );
 }
+
+#[test]
+fn extents_report_missing_chunk_files_and_holes_inside_them() {
+    use r3map_core::{Allocation, Extent};
+    const MIB: u64 = 1 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let backend = open(dir.path(), 4 * MIB, MIB, 8);
+    r3map_core::testing::block_on(async {
+        assert_eq!(
+            backend.extents(0, 4 * MIB).await.unwrap(),
+            vec![Extent::hole(4 * MIB)]
+        );
+        backend.write_at(2 * MIB + 8192, &[9u8; 4096]).await.unwrap();
+        let mut extents = Vec::new();
+        let mut at = 0;
+        while at < 4 * MIB {
+            for extent in backend.extents(at, 4 * MIB - at).await.unwrap() {
+                extents.push((at, extent));
+                at += extent.len;
+            }
+        }
+        let data: Vec<_> = extents
+            .iter()
+            .filter(|(_, e)| e.allocation == Allocation::Data)
+            .collect();
+        assert_eq!(data.len(), 1, "{extents:?}");
+        let (start, extent) = data[0];
+        // The written 4 KiB is data; filesystems may round to their block size, never more
+        // than the chunk.
+        assert!(
+            *start <= 2 * MIB + 8192 && start + extent.len >= 2 * MIB + 12288,
+            "{extents:?}"
+        );
+        assert!(*start >= 2 * MIB && start + extent.len <= 3 * MIB, "{extents:?}");
+    });
+}

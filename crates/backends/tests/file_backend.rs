@@ -223,3 +223,35 @@ fn opening_a_missing_file_names_it() {
     let err = FileBackend::open("/nonexistent/r3map.img", FileOptions::new()).unwrap_err();
     assert!(err.to_string().contains("/nonexistent/r3map.img"), "{err}");
 }
+
+#[test]
+fn extents_find_the_holes_of_a_sparse_file() {
+    const MIB: u64 = 1 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let backend = FileBackend::create(dir.path().join("sparse.img"), 4 * MIB, FileOptions::new()).unwrap();
+    block_on(async {
+        use r3map_core::Extent;
+        assert_eq!(
+            backend.extents(0, 4 * MIB).await.unwrap(),
+            vec![Extent::hole(4 * MIB)]
+        );
+        backend.write_at(MIB, &pattern(1, MIB as usize)).await.unwrap();
+        let expected = vec![Extent::hole(MIB), Extent::data(MIB), Extent::hole(2 * MIB)];
+        assert_eq!(backend.extents(0, 4 * MIB).await.unwrap(), expected);
+        // A query inside the data, and one inside the trailing hole.
+        assert_eq!(
+            backend.extents(MIB + 5, 10).await.unwrap(),
+            vec![Extent::data(10)]
+        );
+        assert_eq!(
+            backend.extents(3 * MIB, MIB).await.unwrap(),
+            vec![Extent::hole(MIB)]
+        );
+        // Trimming punches the hole back.
+        backend.trim(MIB, MIB).await.unwrap();
+        assert_eq!(
+            backend.extents(0, 4 * MIB).await.unwrap(),
+            vec![Extent::hole(4 * MIB)]
+        );
+    });
+}

@@ -97,9 +97,12 @@ async fn nbdinfo_lists_exports_contexts_and_maps() {
     if !common::have("nbdinfo") {
         return;
     }
+    // The second export holds data only in its first 256 KiB: the rest was never written.
+    let second = Arc::new(MemoryBackend::new(SIZE / 2));
+    second.write_at(0, &[1u8; 256 << 10]).await.unwrap();
     let config = ServerConfig::new(vec![
         Export::new("first", Arc::new(MemoryBackend::new(SIZE))).with_description("the first"),
-        Export::new("second", Arc::new(MemoryBackend::new(SIZE / 2))).read_only(true),
+        Export::new("second", second).read_only(true),
     ]);
     let running = common::serve(config, None).await;
     let list = run({
@@ -126,7 +129,12 @@ async fn nbdinfo_lists_exports_contexts_and_maps() {
     })
     .await;
     let fields: Vec<&str> = map.split_whitespace().collect();
-    assert_eq!(fields[..4], ["0", &(SIZE / 2).to_string(), "0", "data"], "{map}");
+    let rest = (SIZE / 2 - (256 << 10)).to_string();
+    assert_eq!(
+        fields,
+        ["0", "262144", "0", "data", "262144", &rest, "3", "hole,zero"],
+        "{map}"
+    );
     let size = run({
         let mut c = Command::new("nbdinfo");
         c.arg("--size").arg(running.uri_for("first"));

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::task::Poll;
 
 use bytes::{Buf, Bytes, BytesMut};
-use r3map_core::SharedBackend;
+use r3map_core::{Allocation, SharedBackend};
 use tokio::io::AsyncReadExt;
 use tokio::sync::{mpsc, watch, Notify, OwnedSemaphorePermit, Semaphore};
 
@@ -264,16 +264,15 @@ async fn execute(
         },
         cmd::CACHE => cache(backend, offset, length, pool, cache_piece).await,
         cmd::BLOCK_STATUS => {
-            // Backends do not report holes: the whole range is "allocated, contents unknown",
-            // which the protocol allows for any block.
-            let available = backend.size() - offset;
-            let mut extent = length.min(available) as u32;
-            if request.flags & cmd_flags::REQ_ONE == 0 {
-                extent = available.min(u64::from(u32::MAX) & !511).max(u64::from(extent)) as u32;
+            let one = request.flags & cmd_flags::REQ_ONE != 0;
+            match block_status(backend, offset, length, one).await {
+                Ok(extents) => {
+                    let mut head = BytesMut::with_capacity(24 + 8 * extents.len());
+                    codec::encode_block_status_chunk(&mut head, handle, wire::BASE_ALLOCATION_ID, &extents);
+                    return (head.freeze(), None);
+                }
+                Err(err) => Err(err),
             }
-            let mut head = BytesMut::with_capacity(40);
-            codec::encode_block_status_chunk(&mut head, handle, wire::BASE_ALLOCATION_ID, &[(extent, 0)]);
-            return (head.freeze(), None);
         }
         _ => unreachable!("checked by check_request"),
     };
@@ -286,6 +285,46 @@ async fn execute(
             (error_reply(handle, structured, error, &message), None)
         }
     }
+}
+
+/// Descriptors one block status reply carries at most (the protocol asks for at most 2^20).
+const MAX_DESCRIPTORS: usize = 1 << 16;
+/// Longest descriptor: a 32-bit length, kept a multiple of 4 KiB.
+const MAX_DESCRIPTOR: u64 = u32::MAX as u64 & !4095;
+
+/// `base:allocation` descriptors `(length, flags)` for `length` bytes at `offset`, from the
+/// backend's extents: holes read as zeros, so they are `HOLE | ZERO`; data is 0.
+async fn block_status(
+    backend: &SharedBackend,
+    offset: u64,
+    length: u64,
+    one: bool,
+) -> r3map_core::Result<Vec<(u32, u32)>> {
+    let mut descriptors = Vec::new();
+    let mut left = length;
+    for extent in backend.extents(offset, length).await? {
+        let flags = match extent.allocation {
+            Allocation::Hole => wire::state::HOLE | wire::state::ZERO,
+            Allocation::Data => 0,
+        };
+        // A backend that over-reports is cut to the request.
+        let mut len = extent.len.min(left);
+        left -= len;
+        while len > 0 && descriptors.len() < MAX_DESCRIPTORS {
+            let piece = len.min(MAX_DESCRIPTOR);
+            descriptors.push((piece as u32, flags));
+            len -= piece;
+        }
+        if one || left == 0 || descriptors.len() >= MAX_DESCRIPTORS {
+            break;
+        }
+    }
+    descriptors.truncate(if one { 1 } else { MAX_DESCRIPTORS });
+    if descriptors.is_empty() {
+        // Status 0 ("allocated, contents unknown") is always allowed.
+        descriptors.push((length.min(MAX_DESCRIPTOR) as u32, 0));
+    }
+    Ok(descriptors)
 }
 
 /// `NBD_CMD_CACHE`: reads the range in pieces of `piece` bytes into one pooled buffer (the
