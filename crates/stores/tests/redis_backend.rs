@@ -27,10 +27,20 @@ async fn backend(options: &RedisOptions, size: u64, chunk: u64, deadline: Durati
     Arc::new(open_backend(store, size, chunk, keyed).unwrap())
 }
 
+/// A plain redis-rs connection (not the backend's), with no response timeout: its default of
+/// 500 ms is too short for an fsync per write on a loaded machine.
+async fn raw_connection(server: &RedisServer) -> redis::aio::MultiplexedConnection {
+    let client = redis::Client::open(format!("redis://{}", server.address())).unwrap();
+    let config = redis::AsyncConnectionConfig::new().set_response_timeout(None);
+    client
+        .get_multiplexed_async_connection_with_config(&config)
+        .await
+        .unwrap()
+}
+
 /// Raw bytes of one key, through the redis crate (not through the backend).
 async fn raw_get(server: &RedisServer, key: &str) -> Option<Vec<u8>> {
-    let client = redis::Client::open(format!("redis://{}", server.address())).unwrap();
-    let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+    let mut connection = raw_connection(server).await;
     redis::cmd("GET")
         .arg(key)
         .query_async(&mut connection)
@@ -86,8 +96,7 @@ fn keys_are_go_r3map_offsets_and_missing_keys_read_as_zeros() {
     block_on(async {
         // The Go r3map's Redis backend keys chunks by their decimal byte offset, no prefix.
         let chunk = pattern(7, 4096);
-        let client = redis::Client::open(format!("redis://{}", server.address())).unwrap();
-        let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+        let mut connection = raw_connection(&server).await;
         let () = redis::cmd("SET")
             .arg("8192")
             .arg(&chunk)
