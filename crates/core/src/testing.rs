@@ -319,7 +319,9 @@ impl Backend for FaultyBackend {
     }
 }
 
+mod races;
 mod skip;
+pub use races::{check_races, racer, RaceOptions, Racer, Yielding};
 pub use skip::skip;
 
 /// The path of example `name` of the package at `manifest_dir`, built next to the running test
