@@ -10,7 +10,7 @@ use r3map_core::stages::{
 };
 use r3map_core::{AtomicBitmap, Backend, ChunkLayout, Result, SharedBackend};
 
-use crate::cache::{CacheHandle, PersistentCache};
+use crate::cache::{CacheHandle, PersistentCache, Recovery};
 use futures::StreamExt;
 use tokio::sync::watch;
 
@@ -87,6 +87,7 @@ pub struct ManagedMount {
     puller: Puller,
     chunk_size: u64,
     cache: Option<CacheHandle>,
+    recovery: Option<Recovery>,
     hooks: Hooks,
 }
 
@@ -113,8 +114,19 @@ impl ManagedMount {
         cache: PersistentCache,
         options: ManagedOptions,
     ) -> Result<Self> {
+        let recovery = cache.recovery;
+        if recovery.dropped > 0 || recovery.refetch > 0 {
+            tracing::warn!(
+                shutdown = ?recovery.shutdown,
+                refetch = recovery.refetch,
+                dropped = recovery.dropped,
+                "the cache was not closed cleanly: chunks whose data may be stale are fetched again, and unacknowledged or never-fsynced writes of chunks that could not be trusted were dropped"
+            );
+        }
         let (data, local, push, handle) = cache.into_parts();
-        Self::assemble(remote, data, local, push, Some(handle), options).await
+        let mut mount = Self::assemble(remote, data, local, push, Some(handle), options).await?;
+        mount.recovery = Some(recovery);
+        Ok(mount)
     }
 
     async fn assemble(
@@ -147,6 +159,7 @@ impl ManagedMount {
             puller,
             chunk_size,
             cache: handle,
+            recovery: None,
             hooks: options.hooks,
         };
         if options.pull_first {
@@ -204,7 +217,8 @@ impl ManagedMount {
     }
 
     /// Stops the background pull, then pushes and syncs one last time; returns that sync's
-    /// error (nothing is dropped silently).
+    /// error (nothing is dropped silently). A persistent cache is closed cleanly even when the
+    /// push failed: its state records what is still to push, for the next start.
     pub async fn close(self) -> Result<()> {
         if let Some(hook) = &self.hooks.before_close {
             hook()?;
@@ -213,11 +227,17 @@ impl ManagedMount {
             hook()?;
         }
         self.puller.stop();
-        self.pusher.close().await?;
-        match &self.cache {
-            Some(cache) => cache.flush_state(),
+        let pushed = self.pusher.close().await;
+        let closed = match &self.cache {
+            Some(cache) => cache.close().await,
             None => Ok(()),
-        }
+        };
+        pushed.and(closed)
+    }
+
+    /// What opening a persistent cache recovered from the previous run (`None` without one).
+    pub fn recovery(&self) -> Option<Recovery> {
+        self.recovery
     }
 
     /// Number of chunks fetched from the remote by this mount (not counting cached ones).
