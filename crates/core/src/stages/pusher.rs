@@ -1,15 +1,18 @@
 //! Pusher: remembers written chunks and writes them back to the remote in the background
 //! (every interval) and on `sync`/`close`.
 //!
-//! Ordering that keeps racing writes safe: a write lands in the inner backend *before* its chunk
-//! is marked dirty, and a push clears the dirty bit *before* reading the chunk. So a write that
-//! races a push is either read by that push or leaves the bit set for the next one. Only one
-//! flush runs at a time, so two pushes of one chunk can never reach the remote out of order.
+//! Ordering that keeps racing writes safe: a write marks its chunks dirty *before* it lands in
+//! the inner backend (so a process killed in between leaves the chunk dirty, never a torn chunk
+//! taken for clean) and again *after* (so a push that cleared the bit and read the chunk before
+//! the write landed leaves it set for the next push). A push clears the dirty bit *before*
+//! reading the chunk. Only one flush runs at a time, so two pushes of one chunk can never reach
+//! the remote out of order.
 //!
 //! A chunk being pushed is marked in a second bitmap (`pushing`) before its dirty bit is
-//! cleared, and unmarked only once the remote has it. With both bitmaps in a persistent state
-//! file, a process killed mid-push still knows on restart which chunks to push
-//! (`dirty | pushing`).
+//! cleared, and unmarked only once the remote has acknowledged a flush (`sync`) after the
+//! write: until then the remote may lose it (a power loss drops unflushed writes). With both
+//! bitmaps in a persistent state file, a process killed mid-push still knows on restart which
+//! chunks to push (`dirty | pushing`).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -183,8 +186,8 @@ impl Pusher {
         self.shared.pushed_bytes.load(Ordering::Relaxed)
     }
 
-    /// Pushes every dirty chunk now; stops at the first error and returns it (chunks not
-    /// pushed stay dirty).
+    /// Pushes every dirty chunk now, then flushes the remote; stops at the first error and
+    /// returns it (then every chunk of this round is dirty again).
     pub async fn flush(&self) -> Result<()> {
         self.shared.flush().await
     }
@@ -217,39 +220,48 @@ impl Shared {
         }
     }
 
-    /// One round: pushes the chunks dirty now with `workers` in parallel. The first failure
-    /// ends the round at once: pushes in flight are abandoned and every chunk not confirmed
-    /// pushed is dirty again. So a dead remote costs one request deadline per flush, not one
-    /// per batch of `workers` chunks.
     async fn flush(&self) -> Result<()> {
+        self.flush_round().await.map(|_| ())
+    }
+
+    /// One round: pushes the chunks dirty now with `workers` in parallel, then flushes the
+    /// remote; only then are they pushed. The first failure ends the round at once: pushes in
+    /// flight are abandoned, and every chunk of the round is dirty again (the remote may not
+    /// keep what it was not made to flush). So a dead remote costs one request deadline per
+    /// flush, not one per batch of `workers` chunks. Returns whether it flushed the remote.
+    async fn flush_round(&self) -> Result<bool> {
         let _one_flush_at_a_time = self.flush_lock.lock().await;
         let chunks = self.dirty.ones();
+        if chunks.is_empty() {
+            return Ok(false);
+        }
         for &chunk in &chunks {
             self.pushing.set(chunk);
             self.dirty.clear(chunk);
         }
         let mut results = futures::stream::iter(chunks.iter().copied())
-            .map(|chunk| async move { (chunk, self.push_chunk(chunk).await) })
+            .map(|chunk| async move { self.push_chunk(chunk).await })
             .buffer_unordered(self.workers);
         let mut failure = None;
-        while let Some((chunk, result)) = results.next().await {
+        while let Some(result) = results.next().await {
             if let Err(err) = result {
                 failure = Some(err);
                 break;
             }
-            self.pushing.clear(chunk);
         }
         drop(results); // cancels the pushes still in flight
-        if failure.is_some() {
-            // Never lose a write: what this round did not confirm is pushed by the next one.
-            for &chunk in &chunks {
-                if self.pushing.get(chunk) {
-                    self.dirty.set(chunk);
-                    self.pushing.clear(chunk);
-                }
+        let outcome = match failure {
+            Some(err) => Err(err),
+            None => self.remote.sync().await,
+        };
+        for &chunk in &chunks {
+            if outcome.is_err() {
+                // Never lose a write: the next flush pushes it again.
+                self.dirty.set(chunk);
             }
+            self.pushing.clear(chunk);
         }
-        failure.map_or(Ok(()), Err)
+        outcome.map(|()| true)
     }
 
     async fn push_chunk(&self, chunk: u64) -> Result<()> {
@@ -289,23 +301,27 @@ impl Backend for Pusher {
 
     async fn write_at(&self, offset: u64, data: &[u8]) -> Result<()> {
         self.shared.check_write(offset, data.len() as u64)?;
+        // Marked before and after the write (see the module note); marked even on failure,
+        // since part of the write may have landed.
+        self.shared.mark_range(offset, data.len() as u64);
         let result = self.shared.inner.write_at(offset, data).await;
-        // Marked after the write (see the module note); marked even on failure, since part of
-        // the write may have landed.
         self.shared.mark_range(offset, data.len() as u64);
         result
     }
 
-    /// Syncs the inner backend, pushes every dirty chunk, then syncs the remote; returns the
-    /// first error.
+    /// Syncs the inner backend, pushes every dirty chunk, then syncs the remote (once: a flush
+    /// that pushed something has synced it already); returns the first error.
     async fn sync(&self) -> Result<()> {
         self.shared.inner.sync().await?;
-        self.shared.flush().await?;
+        if self.shared.flush_round().await? {
+            return Ok(());
+        }
         self.shared.remote.sync().await
     }
 
     async fn trim(&self, offset: u64, len: u64) -> Result<()> {
         self.shared.check_write(offset, len)?;
+        self.shared.mark_range(offset, len);
         let result = self.shared.inner.trim(offset, len).await;
         self.shared.mark_range(offset, len);
         result
@@ -313,6 +329,7 @@ impl Backend for Pusher {
 
     async fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
         self.shared.check_write(offset, len)?;
+        self.shared.mark_range(offset, len);
         let result = self.shared.inner.write_zeroes(offset, len).await;
         self.shared.mark_range(offset, len);
         result
