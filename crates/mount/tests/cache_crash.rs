@@ -313,9 +313,10 @@ fn a_remote_power_loss_keeps_fsynced_writes_and_nothing_unpushed_counts_as_pushe
         let seen = seen.lock();
         if died {
             let on_remote = read_all(&remote.current);
-            for x in 0..SIZE as usize {
+            let since_sync = seen.written_since_sync.iter().zip(&seen.synced);
+            for (x, (&got, (&written, &synced))) in on_remote.iter().zip(since_sync).enumerate() {
                 assert!(
-                    seen.written_since_sync[x] || on_remote[x] == seen.synced[x],
+                    written || got == synced,
                     "crash at {crash_at}: byte {x} fsynced by the application was lost on the remote"
                 );
             }
