@@ -2,13 +2,13 @@
 //! migration tests.
 //!
 //! Usage:
-//!   migrate_writer file PATH RATE        writes 4 KiB blocks into the file at PATH
-//!   migrate_writer slice SOCKET BYTES RATE
+//!   migrate_writer file PATH RATE HOT    writes 4 KiB blocks into the file at PATH
+//!   migrate_writer slice SOCKET BYTES RATE HOT
 //!                                        hands its memory to `r3map migrate seed --frontend
 //!                                        slice` at SOCKET, then writes 4 KiB blocks into it
 //!
-//! Blocks land at pseudo-random offsets with pseudo-random content, RATE blocks per second
-//! (0: as fast as it can). It prints `writing` once the first block is written and then runs
+//! Blocks land at pseudo-random offsets within the first HOT bytes (the working set; 0: all of
+//! it) with pseudo-random content, RATE blocks per second (0: as fast as it can). It prints `writing` once the first block is written and then runs
 //! until it is killed; the migration's seeder stops it (SIGSTOP) at finalize, so what the
 //! destination must hold is exactly the state at that moment.
 
@@ -35,8 +35,9 @@ impl Rng {
     }
 }
 
-/// Calls `write(offset, block)` RATE times a second (or flat out) forever.
-fn write_forever(len: usize, rate: u64, mut write: impl FnMut(usize, &[u8])) -> ! {
+/// Calls `write(offset, block)` RATE times a second (or flat out) forever, within `hot` bytes.
+fn write_forever(len: usize, hot: usize, rate: u64, mut write: impl FnMut(usize, &[u8])) -> ! {
+    let len = if hot == 0 { len } else { hot.min(len) };
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ u64::from(std::process::id()));
     let blocks = (len / BLOCK).max(1) as u64;
     let mut block = vec![0u8; BLOCK];
@@ -66,21 +67,23 @@ fn write_forever(len: usize, rate: u64, mut write: impl FnMut(usize, &[u8])) -> 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
     match args.get(1).map(String::as_str) {
-        Some("file") if args.len() == 4 => {
+        Some("file") if args.len() == 5 => {
             let file = std::fs::OpenOptions::new()
                 .read(true)
                 .write(true)
                 .open(&args[2])?;
             let len = file.metadata()?.len() as usize;
             let rate: u64 = args[3].parse()?;
-            write_forever(len, rate, |offset, block| {
+            let hot: usize = args[4].parse()?;
+            write_forever(len, hot, rate, |offset, block| {
                 file.write_all_at(block, offset as u64)
                     .expect("write to the migrated file");
             })
         }
-        Some("slice") if args.len() == 5 => {
+        Some("slice") if args.len() == 6 => {
             let len: usize = args[3].parse()?;
             let rate: u64 = args[4].parse()?;
+            let hot: usize = args[5].parse()?;
             let mut sock = UnixStream::connect(&args[2])?;
             let mut memory = Mapping::anonymous(len)?;
             let uffd = Uffd::create()?;
@@ -97,10 +100,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 return Err("r3map refused to serve this memory".into());
             }
             let memory = memory.as_mut_slice();
-            write_forever(len, rate, |offset, block| {
+            write_forever(len, hot, rate, |offset, block| {
                 memory[offset..offset + block.len()].copy_from_slice(block);
             })
         }
-        _ => Err("usage: migrate_writer file PATH RATE | migrate_writer slice SOCKET BYTES RATE".into()),
+        _ => Err(
+            "usage: migrate_writer file PATH RATE HOT | migrate_writer slice SOCKET BYTES RATE HOT".into(),
+        ),
     }
 }

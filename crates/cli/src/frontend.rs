@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use r3map_blockdev::{check_nbd_support, check_ublk_support, NbdDevice, NbdOptions, UblkDevice, UblkOptions};
 use r3map_core::SharedBackend;
 use r3map_fuse::{DiskMount, FileMount};
@@ -70,6 +70,24 @@ impl Mounted {
             Mounted::Disk(disk) => disk.path(),
             Mounted::Nbd(path, _) | Mounted::Ublk(path, _) => path,
             Mounted::Slice(server) => server.as_ref().map_or(Path::new("-"), |s| s.path()),
+        }
+    }
+
+    /// Makes the kernel hand over what it still holds for the frontend (dirty pages of mapped
+    /// files and block devices; a slice region's written pages) to the backend.
+    pub async fn flush(&self) -> Result<()> {
+        match self {
+            Mounted::Slice(Some(server)) => server.write_back().await,
+            Mounted::Slice(None) => Ok(()),
+            _ => {
+                let path = self.path().to_path_buf();
+                tokio::task::spawn_blocking(move || -> Result<()> {
+                    let file = std::fs::OpenOptions::new().write(true).open(&path)?;
+                    file.sync_all()
+                        .with_context(|| format!("cannot flush {}", path.display()))
+                })
+                .await?
+            }
         }
     }
 

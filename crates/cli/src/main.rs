@@ -38,6 +38,7 @@ enum Command {
     DelayProxy(commands::delay_proxy::Args),
     Cert(commands::cert::Args),
     Sync(commands::sync::Args),
+    Migrate(commands::migrate::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -65,6 +66,7 @@ fn main() -> std::process::ExitCode {
             Command::DelayProxy(args) => commands::delay_proxy::run(args).await,
             Command::Cert(args) => commands::cert::run(args).await,
             Command::Sync(args) => commands::sync::run(args).await,
+            Command::Migrate(args) => commands::migrate::run(args).await,
         }
     });
     // Tasks still waiting for a remote that gave up (e.g. a FUSE unmount blocked on it) must

@@ -2,6 +2,7 @@
 
 pub mod cert;
 pub mod delay_proxy;
+pub mod migrate;
 pub mod mirror;
 pub mod mount;
 pub mod serve;

@@ -9,39 +9,63 @@
 //! 4. when the program closes the socket, r3map writes changed pages back one last time (if
 //!    the program still exists) and stops serving it.
 
+use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{Context, Result};
+use parking_lot::Mutex;
 use r3map_core::SharedBackend;
-use r3map_frontends::slice::{RegionOptions, RemoteRegion, RemoteRequest};
+use r3map_frontends::slice::{RegionHandle, RegionOptions, RemoteRegion, RemoteRequest};
 use tokio::runtime::Handle;
 
 /// Accepts programs on a UNIX socket until dropped (then the socket file is removed).
 pub struct SliceServer {
     path: PathBuf,
+    /// The regions of connected programs, for writing all of them back at once.
+    regions: Regions,
 }
+
+type Regions = Arc<Mutex<HashMap<u64, (i32, RegionHandle)>>>;
 
 impl SliceServer {
     /// Listens at `path` and serves every program that connects from `backend`.
     pub fn start(backend: SharedBackend, path: &Path, runtime: Handle) -> Result<Self> {
         let listener =
             UnixListener::bind(path).with_context(|| format!("cannot listen on {}", path.display()))?;
+        let regions = Regions::default();
+        let registry = regions.clone();
         std::thread::spawn(move || {
-            for stream in listener.incoming() {
+            for (id, stream) in (0u64..).zip(listener.incoming()) {
                 let Ok(stream) = stream else { break };
-                let (backend, runtime) = (backend.clone(), runtime.clone());
+                let (backend, runtime, regions) = (backend.clone(), runtime.clone(), registry.clone());
                 std::thread::spawn(move || {
-                    if let Err(err) = serve_program(stream, backend, runtime) {
+                    if let Err(err) = serve_program(id, stream, backend, runtime, &regions) {
                         eprintln!("slice: {err:#}");
                     }
+                    regions.lock().remove(&id);
                 });
             }
         });
         Ok(Self {
             path: path.to_path_buf(),
+            regions,
         })
+    }
+
+    /// Writes the pages every connected program changed back to the backend (which the caller
+    /// syncs); a program that is gone is skipped.
+    pub async fn write_back(&self) -> Result<()> {
+        let regions: Vec<_> = self.regions.lock().values().cloned().collect();
+        for (pid, region) in regions {
+            region
+                .push_dirty()
+                .await
+                .with_context(|| format!("cannot write back the memory of process {pid}"))?;
+        }
+        Ok(())
     }
 
     /// The socket programs connect to.
@@ -58,7 +82,13 @@ impl Drop for SliceServer {
     }
 }
 
-fn serve_program(mut stream: UnixStream, backend: SharedBackend, runtime: Handle) -> Result<()> {
+fn serve_program(
+    id: u64,
+    mut stream: UnixStream,
+    backend: SharedBackend,
+    runtime: Handle,
+    regions: &Regions,
+) -> Result<()> {
     let (request, uffd) = RemoteRequest::receive(&stream).context("reading the program's request")?;
     let options = RegionOptions {
         runtime: Some(runtime.clone()),
@@ -71,6 +101,7 @@ fn serve_program(mut stream: UnixStream, backend: SharedBackend, runtime: Handle
             return Err(err).context(format!("cannot serve the memory of process {}", request.pid));
         }
     };
+    regions.lock().insert(id, (request.pid, region.handle()));
     stream.write_all(&[0])?;
     eprintln!("slice: serving {} bytes of process {}", request.len, request.pid);
     let write_back = || -> Result<()> {

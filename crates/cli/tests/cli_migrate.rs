@@ -1,0 +1,581 @@
+//! `r3map migrate` across processes: a seeder, leechers and the application as separate
+//! programs over real gRPC connections, while the application keeps writing.
+
+mod common;
+
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use common::{have_fuse, run, Proc};
+
+const LONG: Duration = Duration::from_secs(240);
+
+/// The writers' working set: 64 MiB (64 of the resource's chunks), written at random.
+const HOT: u64 = 64 << 20;
+
+fn writer_binary() -> PathBuf {
+    r3map_core::testing::example_binary(env!("CARGO"), env!("CARGO_MANIFEST_DIR"), "migrate_writer")
+}
+
+/// `seeding … at grpc://ADDR` → `grpc://ADDR`.
+fn seeding_uri(seeder: &mut Proc) -> String {
+    let line = seeder.wait_for("seeding ", LONG);
+    line.rsplit(" at ").next().unwrap().trim().to_string()
+}
+
+/// The number after `label` in a leecher's report line (e.g. "re-pulled       12 chunks").
+fn report_number(lines: &[String], label: &str) -> u64 {
+    let line = lines
+        .iter()
+        .find(|line| line.trim_start().starts_with(label))
+        .unwrap_or_else(|| panic!("no {label:?} line in the report:\n{}", lines.join("\n")));
+    line.trim_start()[label.len()..]
+        .split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no number in {line:?}"))
+}
+
+/// The downtime in milliseconds from the report.
+fn downtime_ms(lines: &[String]) -> f64 {
+    let line = lines
+        .iter()
+        .find(|line| line.trim_start().starts_with("downtime"))
+        .unwrap_or_else(|| panic!("no downtime in the report:\n{}", lines.join("\n")));
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// The state letter of a process (R, S, T, …) from /proc.
+fn process_state(pid: u32) -> char {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    stat.rsplit_once(") ").unwrap().1.chars().next().unwrap()
+}
+
+/// Compares two files piece by piece; panics at the first difference.
+fn assert_same_files(a: &Path, b: &Path) {
+    let (fa, fb) = (std::fs::File::open(a).unwrap(), std::fs::File::open(b).unwrap());
+    let len = fa.metadata().unwrap().len();
+    assert_eq!(len, fb.metadata().unwrap().len(), "the copies differ in size");
+    let (mut pa, mut pb) = (vec![0u8; 4 << 20], vec![0u8; 4 << 20]);
+    let mut offset = 0;
+    while offset < len {
+        let n = pa.len().min((len - offset) as usize);
+        fa.read_exact_at(&mut pa[..n], offset).unwrap();
+        fb.read_exact_at(&mut pb[..n], offset).unwrap();
+        if pa[..n] != pb[..n] {
+            let at = pa[..n].iter().zip(&pb[..n]).position(|(x, y)| x != y).unwrap();
+            panic!(
+                "{} and {} differ at byte {}",
+                a.display(),
+                b.display(),
+                offset + at as u64
+            );
+        }
+        offset += n as u64;
+    }
+}
+
+/// Leeches from `uri` into `dest`; returns the leecher's lines once it exited successfully.
+fn leech_into(uri: &str, dest: &Path, extra: &[&str]) -> Vec<String> {
+    let to = format!("file:{}", dest.display());
+    let mut args = vec!["migrate", "leech", uri, "--to", &to];
+    args.extend_from_slice(extra);
+    let mut leecher = Proc::start(&args);
+    leecher.wait_for("migration complete", LONG);
+    leecher.wait_for("downtime", LONG);
+    let lines = leecher.seen.clone();
+    assert!(leecher.wait_exit(LONG), "the leecher failed");
+    lines
+}
+
+/// Starts a seeder of `resource` whose application (`writer_args`, run after the frontend is
+/// up) keeps writing; returns the seeder, its URI and the writer.
+fn seed_with_writer(
+    dir: &Path,
+    resource: &str,
+    frontend: &str,
+    target: &Path,
+    writer_args: impl FnOnce(&Path) -> Vec<String>,
+) -> (Proc, String, Proc) {
+    let pid_file = dir.join("writer.pid");
+    let target = target.to_str().unwrap();
+    let mut seeder = Proc::start(&[
+        "migrate",
+        "seed",
+        resource,
+        target,
+        "--frontend",
+        frontend,
+        "--pid-file",
+        pid_file.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+    ]);
+    let reached = seeder.wait_for("the application reaches the resource at", LONG);
+    let path = PathBuf::from(reached.rsplit(" at ").next().unwrap());
+    let uri = seeding_uri(&mut seeder);
+    let args = writer_args(&path);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut writer = Proc::start_program(writer_binary(), &args);
+    std::fs::write(&pid_file, writer.pid().to_string()).unwrap();
+    writer.wait_for("writing", LONG);
+    (seeder, uri, writer)
+}
+
+/// The thesis' use: a file that an application keeps writing (through the FUSE frontend)
+/// moves to another "host"; the destination holds exactly the state at the suspend, the
+/// re-pulled chunks show the writes during the migration were caught, and the source's
+/// application stays stopped (its copy is stale).
+#[test]
+fn a_file_that_is_being_written_migrates_with_precopy_rounds() {
+    if !have_fuse() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (src, dest) = (dir.path().join("src.img"), dir.path().join("dest.img"));
+    let mnt = dir.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let resource = format!("file:{}?size=1GiB", src.display());
+    let (mut seeder, uri, writer) = seed_with_writer(dir.path(), &resource, "file", &mnt, |path| {
+        vec![
+            "file".into(),
+            path.display().to_string(),
+            "1000".into(),
+            HOT.to_string(),
+        ]
+    });
+    let lines = leech_into(&uri, &dest, &["--rounds", "4", "--verify"]);
+    seeder.wait_for("migration complete", LONG);
+    assert!(seeder.wait_exit(LONG), "the seeder failed");
+    assert_eq!(
+        process_state(writer.pid()),
+        'T',
+        "the source's application must stay stopped after the handoff"
+    );
+    let repulled = report_number(&lines, "re-pulled");
+    assert!(
+        repulled > 0,
+        "the writer's changes during the migration were never re-pulled:\n{}",
+        lines.join("\n")
+    );
+    assert!(report_number(&lines, "pre-copy rounds") >= 1);
+    assert!(downtime_ms(&lines) >= 0.0);
+    assert_same_files(&src, &dest);
+    writer.kill();
+}
+
+/// Plain process memory: a program's memory served through the slice frontend (userfaultfd,
+/// write-protect dirty tracking) keeps changing while it migrates.
+#[test]
+fn the_memory_of_a_running_program_migrates_through_the_slice_frontend() {
+    if let Err(err) = r3map_frontends::uffd::Uffd::create() {
+        r3map_core::testing::skip(&format!("userfaultfd is not available to this process: {err}"));
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (src, dest) = (dir.path().join("src.img"), dir.path().join("dest.img"));
+    let socket = dir.path().join("slice.sock");
+    let resource = format!("file:{}?size=1GiB", src.display());
+    let (mut seeder, uri, writer) = seed_with_writer(dir.path(), &resource, "slice", &socket, |path| {
+        vec![
+            "slice".into(),
+            path.display().to_string(),
+            (1u64 << 30).to_string(),
+            "1000".into(),
+            HOT.to_string(),
+        ]
+    });
+    let lines = leech_into(&uri, &dest, &["--rounds", "3"]);
+    seeder.wait_for("migration complete", LONG);
+    assert!(seeder.wait_exit(LONG), "the seeder failed");
+    assert_eq!(process_state(writer.pid()), 'T');
+    assert!(report_number(&lines, "re-pulled") > 0, "{}", lines.join("\n"));
+    // The flush at suspend wrote the program's last pages into the source file: both hold
+    // the memory as it was when the program stopped.
+    assert_same_files(&src, &dest);
+    writer.kill();
+}
+
+/// A → B → C: B leeches from A and, once complete, seeds onward to C.
+#[test]
+fn a_resource_migrates_along_a_chain_of_three_hosts() {
+    let dir = tempfile::tempdir().unwrap();
+    let (src, dest) = (dir.path().join("a.img"), dir.path().join("c.img"));
+    let content = r3map_core::testing::pattern(3, 64 << 20);
+    std::fs::write(&src, &content).unwrap();
+    let resource = format!("file:{}", src.display());
+    let mut a = Proc::start(&["migrate", "seed", &resource, "--listen", "127.0.0.1:0"]);
+    let a_uri = seeding_uri(&mut a);
+    let mut b = Proc::start(&["migrate", "leech", &a_uri, "--then-seed", "127.0.0.1:0"]);
+    let line = b.wait_for("seeding onward at", LONG);
+    let b_uri = line.rsplit(" at ").next().unwrap().trim().to_string();
+    a.wait_for("migration complete", LONG);
+    assert!(a.wait_exit(LONG), "A failed");
+    leech_into(&b_uri, &dest, &["--verify"]);
+    b.wait_for("migration complete", LONG);
+    assert!(b.wait_exit(LONG), "B failed");
+    assert_eq!(std::fs::read(&dest).unwrap(), content);
+}
+
+/// A leecher killed before finalize changes nothing for the source: its application keeps
+/// running and a new leecher takes the resource over.
+#[test]
+fn a_leecher_killed_before_finalize_leaves_the_seeder_serving_the_next_one() {
+    if !have_fuse() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (src, dest) = (dir.path().join("src.img"), dir.path().join("dest.img"));
+    let mnt = dir.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let resource = format!("file:{}?size=256MiB", src.display());
+    let (mut seeder, uri, writer) = seed_with_writer(dir.path(), &resource, "file", &mnt, |path| {
+        vec![
+            "file".into(),
+            path.display().to_string(),
+            "500".into(),
+            HOT.to_string(),
+        ]
+    });
+    // A slow link keeps the first leecher pulling until it is killed.
+    let address = uri.trim_start_matches("grpc://").to_string();
+    let mut proxy = Proc::start(&[
+        "delay-proxy",
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        &address,
+        "--rtt",
+        "0ms",
+        "--rate",
+        "1MiB",
+    ]);
+    let proxied = proxy.wait_for("127.0.0.1:", LONG);
+    let proxied = proxied
+        .split_whitespace()
+        .find(|w| w.starts_with("127.0.0.1:"))
+        .unwrap()
+        .to_string();
+    let doomed_dest = dir.path().join("doomed.img");
+    let doomed_to = format!("file:{}", doomed_dest.display());
+    let mut doomed = Proc::start(&[
+        "migrate",
+        "leech",
+        &format!("grpc://{proxied}"),
+        "--to",
+        &doomed_to,
+    ]);
+    doomed.wait_for("leeching", LONG);
+    seeder.wait_for("tracking writes", LONG);
+    doomed.kill();
+    assert_ne!(
+        process_state(writer.pid()),
+        'T',
+        "the source's application was stopped by a leecher that never finalized"
+    );
+    leech_into(&uri, &dest, &["--rounds", "2"]);
+    seeder.wait_for("migration complete", LONG);
+    assert!(seeder.wait_exit(LONG));
+    assert_same_files(&src, &dest);
+    writer.kill();
+}
+
+/// `r3map migrate abort` ends a migration before the handoff: the leecher fails without
+/// taking over and the source's application runs on.
+#[test]
+fn abort_resumes_the_source_and_the_leecher_never_takes_over() {
+    if !have_fuse() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (src, dest) = (dir.path().join("src.img"), dir.path().join("dest.img"));
+    let mnt = dir.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let resource = format!("file:{}?size=256MiB", src.display());
+    let (mut seeder, uri, writer) = seed_with_writer(dir.path(), &resource, "file", &mnt, |path| {
+        vec![
+            "file".into(),
+            path.display().to_string(),
+            "500".into(),
+            HOT.to_string(),
+        ]
+    });
+    let address = uri.trim_start_matches("grpc://").to_string();
+    let mut proxy = Proc::start(&[
+        "delay-proxy",
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        &address,
+        "--rtt",
+        "0ms",
+        "--rate",
+        "1MiB",
+    ]);
+    let proxied = proxy.wait_for("127.0.0.1:", LONG);
+    let proxied = proxied
+        .split_whitespace()
+        .find(|w| w.starts_with("127.0.0.1:"))
+        .unwrap()
+        .to_string();
+    let to = format!("file:{}", dest.display());
+    let mut leecher = Proc::start(&["migrate", "leech", &format!("grpc://{proxied}"), "--to", &to]);
+    leecher.wait_for("leeching", LONG);
+    seeder.wait_for("tracking writes", LONG);
+    let (ok, _, stderr) = run(&["migrate", "abort", &uri]);
+    assert!(ok, "abort failed: {stderr}");
+    assert!(stderr.contains("runs again"), "{stderr}");
+    seeder.wait_for("seeder: serving (no migration)", LONG);
+    assert!(!leecher.wait_exit(LONG), "the leecher must fail after an abort");
+    assert_ne!(process_state(writer.pid()), 'T');
+    drop(seeder);
+    writer.kill();
+}
+
+/// A seeder with TLS and a bearer token: a leecher without the token, or without trusting the
+/// seeder's certificate, is refused with an error that says so; with both it migrates.
+#[test]
+fn a_seeder_with_tls_and_a_token_takes_only_leechers_that_have_both() {
+    let dir = tempfile::tempdir().unwrap();
+    let tls = dir.path().join("tls");
+    let (ok, _, stderr) = run(&["cert", tls.to_str().unwrap()]);
+    assert!(ok, "r3map cert failed: {stderr}");
+    let token = dir.path().join("token");
+    std::fs::write(&token, "s3cret-token-for-the-test\n").unwrap();
+    let (src, dest) = (dir.path().join("src.img"), dir.path().join("dest.img"));
+    let content = r3map_core::testing::pattern(5, 8 << 20);
+    std::fs::write(&src, &content).unwrap();
+    let resource = format!("file:{}", src.display());
+    let pem = |name: &str| tls.join(name).display().to_string();
+    let mut seeder = Proc::start(&[
+        "migrate",
+        "seed",
+        &resource,
+        "--listen",
+        "127.0.0.1:0",
+        "--tls-cert",
+        &pem("server-cert.pem"),
+        "--tls-key",
+        &pem("server-key.pem"),
+        "--token-file",
+        token.to_str().unwrap(),
+    ]);
+    let uri = seeding_uri(&mut seeder);
+    assert!(uri.starts_with("grpcs://"), "{uri}");
+    let to = format!("file:{}", dest.display());
+    let (ok, _, stderr) = run(&[
+        "migrate",
+        "leech",
+        &uri,
+        "--to",
+        &to,
+        "--tls-ca",
+        &pem("ca-cert.pem"),
+    ]);
+    assert!(
+        !ok && stderr.to_lowercase().contains("token"),
+        "a leecher without the token: {stderr}"
+    );
+    let (ok, _, stderr) = run(&[
+        "migrate",
+        "leech",
+        &uri,
+        "--to",
+        &to,
+        "--token-file",
+        token.to_str().unwrap(),
+    ]);
+    assert!(
+        !ok && stderr.contains("--tls-ca"),
+        "a leecher that does not trust the seeder: {stderr}"
+    );
+    let (ok, _, stderr) = run(&[
+        "migrate",
+        "leech",
+        &uri,
+        "--to",
+        &to,
+        "--tls-ca",
+        &pem("ca-cert.pem"),
+        "--token-file",
+        token.to_str().unwrap(),
+        "--verify",
+    ]);
+    assert!(ok, "the leecher with TLS and the token failed: {stderr}");
+    assert!(seeder.wait_exit(LONG));
+    assert_eq!(std::fs::read(&dest).unwrap(), content);
+}
+
+/// Two "hosts": network namespaces joined by a veth pair, the seeder in one and the leecher
+/// in the other.
+#[test]
+fn a_migration_crosses_network_namespaces_joined_by_veth() {
+    let Some(hosts) = Hosts::create() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let (src, dest) = (dir.path().join("src.img"), dir.path().join("dest.img"));
+    let content = r3map_core::testing::pattern(9, 32 << 20);
+    std::fs::write(&src, &content).unwrap();
+    let resource = format!("file:{}", src.display());
+    let bin = env!("CARGO_BIN_EXE_r3map");
+    let listen = format!("{}:0", Hosts::SEEDER_IP);
+    let mut seeder = Proc::start_program(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            &hosts.seeder,
+            bin,
+            "migrate",
+            "seed",
+            &resource,
+            "--listen",
+            &listen,
+        ],
+    );
+    let uri = seeding_uri(&mut seeder);
+    assert!(uri.contains(Hosts::SEEDER_IP), "{uri}");
+    let to = format!("file:{}", dest.display());
+    let mut leecher = Proc::start_program(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            &hosts.leecher,
+            bin,
+            "migrate",
+            "leech",
+            &uri,
+            "--to",
+            &to,
+            "--verify",
+        ],
+    );
+    leecher.wait_for("migration complete", LONG);
+    assert!(leecher.wait_exit(LONG));
+    assert!(seeder.wait_exit(LONG));
+    assert_eq!(std::fs::read(&dest).unwrap(), content);
+}
+
+/// Two network namespaces with a veth pair between them, removed on drop.
+struct Hosts {
+    seeder: String,
+    leecher: String,
+}
+
+impl Hosts {
+    const SEEDER_IP: &'static str = "10.213.7.1";
+    const LEECHER_IP: &'static str = "10.213.7.2";
+
+    fn create() -> Option<Self> {
+        let ip = |args: &[&str]| Command::new("ip").args(args).status().is_ok_and(|s| s.success());
+        if !ip(&["netns", "list"]) {
+            r3map_core::testing::skip("ip netns is unavailable (iproute2 missing or not root)");
+            return None;
+        }
+        let id = std::process::id();
+        let hosts = Hosts {
+            seeder: format!("r3map-seed-{id}"),
+            leecher: format!("r3map-leech-{id}"),
+        };
+        let (veth_a, veth_b) = (format!("r3s{id}"), format!("r3l{id}"));
+        let steps: Vec<Vec<String>> = vec![
+            vec!["netns".into(), "add".into(), hosts.seeder.clone()],
+            vec!["netns".into(), "add".into(), hosts.leecher.clone()],
+            vec![
+                "link".into(),
+                "add".into(),
+                veth_a.clone(),
+                "type".into(),
+                "veth".into(),
+                "peer".into(),
+                "name".into(),
+                veth_b.clone(),
+            ],
+            vec![
+                "link".into(),
+                "set".into(),
+                veth_a.clone(),
+                "netns".into(),
+                hosts.seeder.clone(),
+            ],
+            vec![
+                "link".into(),
+                "set".into(),
+                veth_b.clone(),
+                "netns".into(),
+                hosts.leecher.clone(),
+            ],
+            vec![
+                "-n".into(),
+                hosts.seeder.clone(),
+                "addr".into(),
+                "add".into(),
+                format!("{}/24", Self::SEEDER_IP),
+                "dev".into(),
+                veth_a.clone(),
+            ],
+            vec![
+                "-n".into(),
+                hosts.leecher.clone(),
+                "addr".into(),
+                "add".into(),
+                format!("{}/24", Self::LEECHER_IP),
+                "dev".into(),
+                veth_b.clone(),
+            ],
+            vec![
+                "-n".into(),
+                hosts.seeder.clone(),
+                "link".into(),
+                "set".into(),
+                veth_a,
+                "up".into(),
+            ],
+            vec![
+                "-n".into(),
+                hosts.leecher.clone(),
+                "link".into(),
+                "set".into(),
+                veth_b,
+                "up".into(),
+            ],
+            vec![
+                "-n".into(),
+                hosts.seeder.clone(),
+                "link".into(),
+                "set".into(),
+                "lo".into(),
+                "up".into(),
+            ],
+            vec![
+                "-n".into(),
+                hosts.leecher.clone(),
+                "link".into(),
+                "set".into(),
+                "lo".into(),
+                "up".into(),
+            ],
+        ];
+        for step in &steps {
+            let step: Vec<&str> = step.iter().map(String::as_str).collect();
+            if !ip(&step) {
+                r3map_core::testing::skip(&format!(
+                    "cannot set up network namespaces (ip {} failed)",
+                    step.join(" ")
+                ));
+                return None;
+            }
+        }
+        Some(hosts)
+    }
+}
+
+impl Drop for Hosts {
+    fn drop(&mut self) {
+        for ns in [&self.seeder, &self.leecher] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
