@@ -9,10 +9,10 @@ use r3map_core::SharedBackend;
 use r3map_mount::{parse_duration, BackendSpec, RemoteOptions};
 use r3map_nbd::ClientTls;
 
-/// TLS and reconnection flags for `nbds://` and other remotes.
+/// TLS, token and reconnection flags for `nbds://`, `grpc://`, `grpcs://` and other remotes.
 #[derive(Debug, clap::Args)]
 pub struct RemoteArgs {
-    /// CA certificate (PEM) that signed the server's certificate (for nbds:// URIs)
+    /// CA certificate (PEM) that signed the server's certificate (for nbds:// and grpcs:// URIs)
     #[arg(long)]
     tls_ca: Option<PathBuf>,
     /// Client certificate (PEM) for servers that require mutual TLS
@@ -21,6 +21,9 @@ pub struct RemoteArgs {
     /// Client private key (PEM)
     #[arg(long, requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// File holding the bearer token a gRPC server requires (grpc:// and grpcs:// URIs)
+    #[arg(long)]
+    token_file: Option<PathBuf>,
     /// Deadline of every remote request, from its start (waiting for a connection included):
     /// past it the request fails (EIO to the application) and the connection is made anew
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
@@ -45,7 +48,17 @@ impl RemoteArgs {
             request_timeout: self.remote_timeout,
             ..ReconnectOptions::default()
         };
-        Ok(RemoteOptions { tls, reconnect })
+        let token = self
+            .token_file
+            .as_deref()
+            .map(r3map_grpc::Token::from_file)
+            .transpose()
+            .map_err(anyhow::Error::msg)?;
+        Ok(RemoteOptions {
+            tls,
+            token,
+            reconnect,
+        })
     }
 }
 

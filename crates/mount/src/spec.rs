@@ -6,6 +6,9 @@
 //! - `dir:PATH?size=SIZE[&chunk=SIZE][&open-files=N]` — a directory with one file per chunk
 //! - `nbd://HOST[:PORT]/EXPORT`, `nbd+unix:///EXPORT?socket=PATH` (and `nbds…` for TLS) — an NBD
 //!   server, reconnected with backoff when the connection drops
+//! - `grpc://HOST[:PORT]/EXPORT[?size=SIZE][&compress=false]` (and `grpcs://` for TLS) — an r3map
+//!   gRPC server, or a Go r3map one (which cannot report its size: give `size`); reconnected the
+//!   same way
 
 use std::path::PathBuf;
 use std::str::FromStr;
@@ -41,13 +44,30 @@ pub enum BackendSpec {
     },
     /// An NBD server.
     Nbd { uri: String },
+    /// A gRPC server (r3map's or the Go r3map's).
+    Grpc {
+        /// `HOST:PORT`.
+        addr: String,
+        export: String,
+        tls: bool,
+        /// For a Go server, which cannot report it.
+        size: Option<u64>,
+        /// Ask for and send lz4-compressed chunks.
+        compress: bool,
+    },
 }
+
+/// The port of `grpc://` and `grpcs://` URIs that name none (`r3map serve --grpc` listens where
+/// it is told; 10809 is NBD's port and 10810 the delay proxy's default).
+pub const DEFAULT_GRPC_PORT: u16 = 10811;
 
 /// How to reach remote backends.
 #[derive(Debug, Clone, Default)]
 pub struct RemoteOptions {
-    /// TLS settings for `nbds://` URIs.
+    /// TLS settings for `nbds://` and `grpcs://` URIs.
     pub tls: Option<ClientTls>,
+    /// Bearer token for gRPC servers that require one.
+    pub token: Option<r3map_grpc::Token>,
     /// Reconnection and the time one request may wait for the remote.
     pub reconnect: ReconnectOptions,
 }
@@ -65,6 +85,9 @@ impl FromStr for BackendSpec {
             return Ok(BackendSpec::Nbd {
                 uri: text.to_string(),
             });
+        }
+        if let Some(spec) = parse_grpc(text)? {
+            return Ok(spec);
         }
         let (kind, rest) = text.split_once(':').ok_or_else(|| {
             format!("{text:?} has no kind; write memory:SIZE, file:PATH or dir:PATH?size=SIZE")
@@ -96,7 +119,7 @@ impl FromStr for BackendSpec {
             },
             other => {
                 return Err(format!(
-                    "unknown backend kind {other:?}; known kinds: memory, file, dir"
+                    "unknown backend kind {other:?}; known kinds: memory, file, dir, nbd://, grpc://"
                 ))
             }
         };
@@ -177,6 +200,49 @@ impl BackendSpec {
                 }
                 Arc::new(remote)
             }
+            BackendSpec::Grpc {
+                addr,
+                export,
+                tls,
+                size,
+                compress,
+            } => {
+                let tls = match (tls, &remote.tls) {
+                    (false, _) => None,
+                    (true, Some(tls)) => Some(tls.clone()),
+                    (true, None) => {
+                        return Err(Error::InvalidConfig(
+                            "grpcs:// needs the CA (or the server's certificate) to trust: give --tls-ca"
+                                .into(),
+                        ))
+                    }
+                };
+                let options = r3map_grpc::ClientOptions {
+                    tls,
+                    token: remote.token.clone(),
+                    request_timeout: remote.reconnect.request_timeout,
+                    compress: *compress,
+                    size: size.or(size_hint),
+                    ..r3map_grpc::ClientOptions::default()
+                };
+                let (addr, export) = (addr.clone(), export.clone());
+                let connector: Connector = Arc::new(move || {
+                    let (addr, export, options) = (addr.clone(), export.clone(), options.clone());
+                    Box::pin(async move {
+                        let client = r3map_grpc::GrpcBackend::connect(&addr, &export, options).await?;
+                        Ok(Arc::new(client) as SharedBackend)
+                    })
+                });
+                let remote = Reconnecting::connect(connector, remote.reconnect.clone()).await?;
+                if let Some(wanted) = size_hint.filter(|&w| w != remote.size()) {
+                    return Err(Error::InvalidConfig(format!(
+                        "the gRPC export has {} but {} are needed",
+                        format_bytes(remote.size()),
+                        format_bytes(wanted)
+                    )));
+                }
+                Arc::new(remote)
+            }
         };
         Ok(backend)
     }
@@ -192,6 +258,50 @@ fn client_error(err: r3map_nbd::ClientError) -> Error {
         _ => return Error::Remote(err.to_string()),
     };
     Error::from(std::io::Error::new(kind, err.to_string()))
+}
+
+/// `grpc://HOST[:PORT]/EXPORT?…` and `grpcs://…`; `None` for other schemes.
+fn parse_grpc(text: &str) -> std::result::Result<Option<BackendSpec>, String> {
+    let (tls, rest) = if let Some(rest) = text.strip_prefix("grpc://") {
+        (false, rest)
+    } else if let Some(rest) = text.strip_prefix("grpcs://") {
+        (true, rest)
+    } else {
+        return Ok(None);
+    };
+    let (rest, query) = rest.split_once('?').unwrap_or((rest, ""));
+    let (authority, export) = rest.split_once('/').unwrap_or((rest, ""));
+    if authority.is_empty() {
+        return Err(format!("{text:?} names no host; write grpc://HOST:PORT/EXPORT"));
+    }
+    // `[v6]:port`, `[v6]`, `host:port`, `host`.
+    let has_port = match authority.rfind(']') {
+        Some(end) => authority[end..].contains(':'),
+        None => authority.contains(':'),
+    };
+    let addr = if has_port {
+        let (_, port) = authority.rsplit_once(':').expect("has a port");
+        port.parse::<u16>()
+            .map_err(|_| format!("port {port:?} in {text:?} is not a number"))?;
+        authority.to_string()
+    } else {
+        format!("{authority}:{DEFAULT_GRPC_PORT}")
+    };
+    let mut params = Params::parse(query)?;
+    let size = params.size("size")?;
+    let compress = match params.take("compress").as_deref() {
+        None | Some("true") | Some("1") => true,
+        Some("false") | Some("0") => false,
+        Some(other) => return Err(format!("compress={other:?} must be true or false")),
+    };
+    params.reject_unused(text)?;
+    Ok(Some(BackendSpec::Grpc {
+        addr,
+        export: export.to_string(),
+        tls,
+        size,
+        compress,
+    }))
 }
 
 fn path(target: &str, text: &str) -> std::result::Result<PathBuf, String> {
@@ -271,6 +381,35 @@ mod tests {
                 open_files: None
             })
         );
+    }
+
+    #[test]
+    fn parses_grpc_uris() {
+        assert_eq!(
+            "grpc://127.0.0.1:7000/disk".parse(),
+            Ok(BackendSpec::Grpc {
+                addr: "127.0.0.1:7000".into(),
+                export: "disk".into(),
+                tls: false,
+                size: None,
+                compress: true
+            })
+        );
+        assert_eq!(
+            "grpcs://[::1]/?size=1MiB&compress=false".parse(),
+            Ok(BackendSpec::Grpc {
+                addr: format!("[::1]:{DEFAULT_GRPC_PORT}"),
+                export: "".into(),
+                tls: true,
+                size: Some(1 << 20),
+                compress: false
+            })
+        );
+        let err = |s: &str| s.parse::<BackendSpec>().unwrap_err();
+        assert!(err("grpc:///x").contains("names no host"));
+        assert!(err("grpc://h:port/x").contains("not a number"));
+        assert!(err("grpc://h:1/x?colour=red").contains("unknown parameter"));
+        assert!(err("grpc://h:1/x?compress=maybe").contains("true or false"));
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! `r3map serve`: any backend as an NBD export.
+//! `r3map serve`: any backend as an NBD export, and with `--grpc` over gRPC too.
 
 use std::path::PathBuf;
 
@@ -17,6 +17,10 @@ use r3map_nbd::{Export, Server, ServerConfig, ServerTls};
 /// Limits against misbehaving clients: 30 s to finish the handshake, 10 min idle, 60 s for a
 /// client to take a reply (one that stops reading is dropped), --max-connections at once
 /// (more are refused and logged), and --memory-budget for the data of all requests in flight.
+///
+/// With `--grpc ADDR` the same exports are also served over gRPC (`grpc://ADDR/NAME`, or
+/// `grpcs://` when --tls-cert is given: gRPC then always requires TLS), compatible with the Go
+/// r3map's Backend service; --token-file makes gRPC clients send a bearer token.
 #[derive(Debug, clap::Args)]
 #[command(verbatim_doc_comment)]
 pub struct Args {
@@ -47,6 +51,12 @@ pub struct Args {
     /// Refuse clients that do not start TLS
     #[arg(long, requires = "tls_cert")]
     require_tls: bool,
+    /// Also serve the exports over gRPC at this address (e.g. 127.0.0.1:10810)
+    #[arg(long, value_name = "ADDR")]
+    grpc: Option<String>,
+    /// File holding the bearer token every gRPC client must send (NBD has no tokens)
+    #[arg(long, requires = "grpc")]
+    token_file: Option<PathBuf>,
     /// Largest request payload accepted
     #[arg(long, default_value = "32MiB", value_parser = parse_size)]
     max_request: u64,
@@ -94,23 +104,82 @@ pub async fn run(args: Args) -> Result<()> {
         bail!("name at least one export");
     }
     let server = match &args.unix {
-        Some(path) => Server::bind_unix(config, path).await,
-        None => Server::bind_tcp(config, &args.listen).await,
+        Some(path) => Server::bind_unix(config.clone(), path).await,
+        None => Server::bind_tcp(config.clone(), &args.listen).await,
     }
     .context("cannot start the NBD server")?;
+    let grpc = match &args.grpc {
+        Some(addr) => Some(grpc_server(&args, addr, &exports, config.tls.clone()).await?),
+        None => None,
+    };
     for export in &exports {
-        eprintln!(
-            "serving {} ({}, {})",
-            server.uri(&export.name),
-            format_bytes(export.backend.size()),
-            if args.read_only { "read-only" } else { "read-write" }
-        );
+        let access = if args.read_only { "read-only" } else { "read-write" };
+        let size = format_bytes(export.backend.size());
+        eprintln!("serving {} ({size}, {access})", server.uri(&export.name));
+        if let Some((_, _, uri)) = &grpc {
+            eprintln!("serving {uri}/{} ({size}, {access})", export.name);
+        }
     }
     eprintln!("Ctrl-C or SIGTERM stops the server after flushing every export");
-    server
-        .serve(async move { signals.recv().await })
-        .await
-        .context("the server stopped with an error")?;
+    // One signal stops both servers.
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        signals.recv().await;
+        let _ = stop.send(true);
+    });
+    let wait_stop = |mut stopped: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = stopped.wait_for(|stop| *stop).await;
+    };
+    let nbd = server.serve(wait_stop(stopped.clone()));
+    let grpc_done = async {
+        match grpc {
+            Some((grpc, listener, _)) => grpc.serve(listener, wait_stop(stopped)).await,
+            None => Ok(()),
+        }
+    };
+    let (nbd, grpc_result) = tokio::join!(nbd, grpc_done);
+    nbd.context("the NBD server stopped with an error")?;
+    grpc_result.context("the gRPC server stopped with an error")?;
+    // gRPC writes may have landed after the NBD server's flush.
+    for export in &exports {
+        export
+            .backend
+            .sync()
+            .await
+            .with_context(|| format!("cannot flush export {}", export.name))?;
+    }
     eprintln!("flushed every export; stopped");
     Ok(())
+}
+
+/// The gRPC server of the same exports, bound, with its URI prefix.
+async fn grpc_server(
+    args: &Args,
+    addr: &str,
+    exports: &[Export],
+    tls: Option<ServerTls>,
+) -> Result<(r3map_grpc::GrpcServer, tokio::net::TcpListener, String)> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen for gRPC on {addr}"))?;
+    let local = listener.local_addr()?;
+    let grpc_exports = exports
+        .iter()
+        .map(|export| r3map_grpc::Export {
+            name: export.name.clone(),
+            backend: export.backend.clone(),
+            read_only: args.read_only,
+        })
+        .collect();
+    let mut server = r3map_grpc::GrpcServer::new(grpc_exports);
+    let scheme = if tls.is_some() { "grpcs" } else { "grpc" };
+    if let Some(tls) = tls {
+        server = server.tls(tls);
+    }
+    if let Some(path) = &args.token_file {
+        let token = r3map_grpc::Token::from_file(path).map_err(anyhow::Error::msg)?;
+        server = server.token(token);
+    }
+    // The server itself warns loudly when writes are open to anyone who reaches it.
+    Ok((server, listener, format!("{scheme}://{local}")))
 }
