@@ -107,7 +107,12 @@ impl Mounted {
                     device.stop().await?;
                 }
             }
-            Mounted::Slice(server) => drop(server.take()),
+            Mounted::Slice(server) => {
+                if let Some(running) = server.as_ref() {
+                    running.close().await?;
+                }
+                server.take();
+            }
         }
         Ok(())
     }

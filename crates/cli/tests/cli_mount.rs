@@ -431,6 +431,68 @@ fn the_slice_frontend_serves_another_programs_memory() {
     );
 }
 
+/// `--frontend slice` stopped by SIGTERM writes back what a connected program changed but never
+/// synced, and stops serving it: a page the program never touched then raises SIGBUS there
+/// instead of reading as zeros.
+#[test]
+fn a_stopped_slice_mount_writes_back_unsynced_changes_and_never_serves_zeros() {
+    use std::io::BufRead;
+    use std::os::unix::process::ExitStatusExt;
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("remote.img");
+    let content = pattern(11, 4 << 20);
+    std::fs::write(&image, &content).unwrap();
+    let (server, uri) = serve(&format!("disk=file:{}", image.display()), "127.0.0.1:0", &[]);
+    let socket = dir.path().join("r3map.sock");
+    let mut mount = Proc::start(&[
+        "mount",
+        &uri,
+        socket.to_str().unwrap(),
+        "--frontend",
+        "slice",
+        "--managed",
+        "--chunk-size",
+        "256KiB",
+        "--push-interval",
+        "1h",
+    ]);
+    mount.wait_for("mounted ", LONG);
+    let client =
+        r3map_core::testing::example_binary(env!("CARGO"), env!("CARGO_MANIFEST_DIR"), "slice_client");
+    let untouched = 3 << 20;
+    let mut program = Command::new(&client)
+        .args([
+            socket.to_str().unwrap(),
+            &(4usize << 20).to_string(),
+            &format!("--hold={untouched}"),
+            "1000000=never synced by the program",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(program.stdout.take().unwrap()).lines();
+    assert_eq!(lines.next().unwrap().unwrap(), "written");
+    mount.signal("TERM");
+    assert!(mount.wait_exit(LONG), "the mount did not exit cleanly");
+    let said = mount.seen.join("\n");
+    assert!(
+        said.contains("wrote back") && said.contains("since its last sync"),
+        "{said}"
+    );
+    assert!(server.terminate(LONG));
+    let on_remote = std::fs::read(&image).unwrap();
+    let text = b"never synced by the program";
+    assert_eq!(&on_remote[1_000_000..1_000_000 + text.len()], text);
+    assert_eq!(&on_remote[..1_000_000], &content[..1_000_000]);
+    let status = program.wait().unwrap();
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    assert_eq!(
+        status.signal(),
+        Some(nix::sys::signal::Signal::SIGBUS as i32),
+        "the program read an unserved page without SIGBUS: {status} {rest:?}"
+    );
+}
+
 /// Go: opening a mount hung forever when the connection failed. Here it fails at once and says
 /// why: a refused connection is not retried for the remote timeout (an hour here, so retrying
 /// would hang the test until nextest's per-test timeout names it).

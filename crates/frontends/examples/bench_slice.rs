@@ -64,7 +64,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let options = || RegionOptions {
         chunk_size: chunk,
-        runtime: Some(runtime.handle().clone()),
         ..RegionOptions::default()
     };
 

@@ -153,3 +153,114 @@ fn tracking_off_refuses_take_dirty() {
     assert_eq!(region.tracking_mode(), TrackingMode::Off);
     assert!(region.take_dirty().is_err());
 }
+
+/// Whether the page at `addr` of this process is present (bit 63 of its pagemap entry); reading
+/// pagemap never faults the page in.
+fn page_present(pagemap: &std::fs::File, addr: u64) -> bool {
+    use std::os::unix::fs::FileExt;
+    let mut entry = [0u8; 8];
+    pagemap.read_exact_at(&mut entry, addr / PAGE * 8).unwrap();
+    u64::from_le_bytes(entry) >> 63 == 1
+}
+
+/// Sync write-protect: a chunk of zeros installed by the puller path while a thread writes to
+/// it the moment its first page appears. The write must fault (and count): zero pages mapped
+/// first and protected afterwards would let it through unseen.
+#[test]
+fn sync_tracking_sees_a_write_racing_the_install_of_a_zero_chunk() {
+    let chunk = 512 * PAGE;
+    let chunks = 24u64;
+    let mut region = Region::new(
+        Arc::new(MemoryBackend::new(chunks * chunk)),
+        RegionOptions {
+            chunk_size: chunk,
+            write_tracking: WriteTracking::Sync,
+            ..RegionOptions::default()
+        },
+    )
+    .unwrap();
+    region.mark_zero(0..chunks);
+    let handle = region.handle();
+    let base = region.addr();
+    let pagemap = std::fs::File::open("/proc/self/pagemap").unwrap();
+    let mem = region.as_mut_slice();
+    for c in 0..chunks {
+        let at = (c * chunk) as usize;
+        std::thread::scope(|s| {
+            let target = &mut mem[at..at + 1];
+            let pagemap = &pagemap;
+            s.spawn(move || {
+                while !page_present(pagemap, base + c * chunk) {
+                    std::hint::spin_loop();
+                }
+                target[0] = 1;
+            });
+            r3map_core::testing::block_on(handle.install(c)).unwrap();
+        });
+    }
+    let dirty = region.take_dirty().unwrap();
+    assert_eq!(
+        dirty,
+        (0..chunks).collect::<Vec<_>>(),
+        "writes missed by tracking"
+    );
+    assert!(region.as_slice().iter().step_by(chunk as usize).all(|&b| b == 1));
+}
+
+/// Pages dropped from a chunk that was never installed read as zeros afterwards; the rest of
+/// the chunk still comes from the backend. In every tracking mode.
+#[test]
+fn discarding_part_of_a_never_installed_chunk_reads_zeros_there() {
+    for tracking in [WriteTracking::Off, WriteTracking::Auto, WriteTracking::Sync] {
+        let chunk = 4 * PAGE;
+        let mut region = region(32, chunk, tracking);
+        region
+            .discard((3 * chunk + PAGE) as usize, 2 * PAGE as usize)
+            .unwrap();
+        let mem = region.as_slice();
+        for off in 3 * chunk..4 * chunk {
+            let dropped = (3 * chunk + PAGE..3 * chunk + 3 * PAGE).contains(&off);
+            let expected = if dropped { 0 } else { pattern_byte(off) };
+            assert_eq!(mem[off as usize], expected, "{tracking:?} offset {off}");
+        }
+        if tracking != WriteTracking::Off {
+            assert_eq!(region.take_dirty().unwrap(), vec![3], "{tracking:?}");
+        }
+    }
+}
+
+/// A discard while the chunk's fetch is in flight (held in the backend) is not undone when the
+/// fetched bytes arrive.
+#[test]
+fn a_discard_racing_a_fetch_is_not_undone() {
+    let chunk = 4 * PAGE;
+    let gate = Arc::new(common::GateBackend::new(8 * chunk));
+    let mut region = Region::new(
+        gate.clone(),
+        RegionOptions {
+            chunk_size: chunk,
+            ..RegionOptions::default()
+        },
+    )
+    .unwrap();
+    let addr = region.addr();
+    let reader = std::thread::spawn(move || {
+        let mut byte = [0u8; 1];
+        r3map_frontends::uffd::read_process_memory(None, addr + 2 * chunk, &mut byte).map(|()| byte[0])
+    });
+    let mut started = gate.started.subscribe();
+    r3map_core::testing::block_on(started.wait_for(|n| *n == 1)).unwrap();
+    // Chunk 2's fetch is in the backend now; drop its third page.
+    region
+        .discard((2 * chunk + 2 * PAGE) as usize, PAGE as usize)
+        .unwrap();
+    gate.open();
+    assert_eq!(reader.join().unwrap().unwrap(), pattern_byte(2 * chunk));
+    let mem = region.as_slice();
+    for off in 2 * chunk..3 * chunk {
+        let dropped = (2 * chunk + 2 * PAGE..2 * chunk + 3 * PAGE).contains(&off);
+        let expected = if dropped { 0 } else { pattern_byte(off) };
+        assert_eq!(mem[off as usize], expected, "offset {off}");
+    }
+    assert_eq!(region.take_dirty().unwrap(), vec![2]);
+}

@@ -10,8 +10,8 @@ use std::time::Duration;
 use common::{pattern_byte, shared, GateBackend, PatternBackend, PAGE};
 use r3map_core::testing::{block_on, FaultyBackend};
 use r3map_core::Error;
-use r3map_frontends::slice::{Region, RegionOptions};
-use r3map_frontends::uffd::read_process_memory;
+use r3map_frontends::slice::{FailedFetch, Region, RegionOptions};
+use r3map_frontends::uffd::{raw, read_process_memory};
 
 const CHILD_ENV: &str = "R3MAP_SLICE_CHILD";
 
@@ -112,14 +112,7 @@ fn teardown_under_load_never_hangs() {
         .build()
         .unwrap();
     let (gate, backend) = shared(GateBackend::new(count * chunk));
-    let region = Region::new(
-        backend,
-        RegionOptions {
-            runtime: Some(runtime.handle().clone()),
-            ..options(chunk, None)
-        },
-    )
-    .unwrap();
+    let region = Region::new(backend, options(chunk, None)).unwrap();
     let puller = region
         .start_puller(r3map_core::stages::PullerOptions {
             workers: 8,
@@ -160,4 +153,98 @@ fn teardown_under_load_never_hangs() {
         matches!(result, Ok(Err(_))),
         "puller reports the closed region: {result:?}"
     );
+}
+
+/// Pretends the kernel has no UFFDIO_POISON.
+const NO_POISON: u64 = raw::UFFD_FEATURE_POISON as u64;
+
+/// Without poison a fault whose fetch failed could only be answered with zeros: the default
+/// (SIGBUS) mode is refused, naming the feature and the alternative.
+#[test]
+fn without_poison_sigbus_mode_is_refused_naming_the_feature() {
+    let err = Region::new(
+        Arc::new(PatternBackend::new(16 * PAGE)),
+        RegionOptions {
+            ignore_features: NO_POISON,
+            ..options(4 * PAGE, None)
+        },
+    )
+    .unwrap_err();
+    let message = err.to_string();
+    assert!(
+        message.contains("UFFDIO_POISON") && message.contains("FailedFetch::Retry"),
+        "{message}"
+    );
+}
+
+/// Without poison, in retry mode: the faulting thread stays blocked while fetches fail (each
+/// failure reported), never sees zeros, and gets the real bytes once the backend recovers.
+#[test]
+fn without_poison_a_failed_fetch_blocks_and_retries_never_zeros() {
+    let chunk = 4 * PAGE;
+    let (faulty, backend) = shared(FaultyBackend::new(Arc::new(PatternBackend::new(8 * chunk))));
+    faulty.fail_reads.store(true, Ordering::SeqCst);
+    let region = Region::new(
+        backend,
+        RegionOptions {
+            ignore_features: NO_POISON,
+            failed_fetch: FailedFetch::Retry,
+            ..options(chunk, None)
+        },
+    )
+    .unwrap();
+    assert!(!region.poison_supported());
+    let mut errors = region.error_count();
+    let addr = region.addr();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        let mut buf = vec![0u8; chunk as usize];
+        let result = read_process_memory(None, addr + chunk, &mut buf);
+        tx.send(()).unwrap();
+        result.map(|()| buf)
+    });
+    // Three failed attempts, and the reader is still waiting.
+    block_on(errors.wait_for(|n| *n >= 3)).unwrap();
+    assert!(
+        rx.try_recv().is_err(),
+        "the fault returned while every fetch failed"
+    );
+    assert!(
+        !region.is_installed(1),
+        "a failed fetch marked the chunk installed"
+    );
+    assert_eq!(region.stats().poisoned, 0);
+    faulty.fail_reads.store(false, Ordering::SeqCst);
+    let buf = reader
+        .join()
+        .unwrap()
+        .expect("the retried fetch served the fault");
+    for (i, byte) in buf.iter().enumerate() {
+        assert_eq!(*byte, pattern_byte(chunk + i as u64), "offset {i} of chunk 1");
+    }
+    assert!(region.is_installed(1));
+    assert!(region.errors().iter().all(|e| e.chunk == 1));
+}
+
+/// A page dropped from a poisoned chunk faults again: it must be poisoned again (SIGBUS), not
+/// refilled with zeros as a dropped page of a served chunk is.
+#[test]
+fn a_dropped_page_of_a_poisoned_chunk_still_raises_sigbus() {
+    let name = "a_dropped_page_of_a_poisoned_chunk_still_raises_sigbus";
+    if in_child(name) {
+        let chunk = 4 * PAGE;
+        let faulty = Arc::new(FaultyBackend::new(Arc::new(PatternBackend::new(4 * chunk))));
+        faulty.fail_reads.store(true, Ordering::SeqCst);
+        let mut region = Region::new(faulty.clone(), options(chunk, None)).unwrap();
+        let mut errors = region.error_count();
+        let mut byte = [0u8; 1];
+        let err = read_process_memory(None, region.addr() + chunk, &mut byte).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EFAULT));
+        block_on(errors.wait_for(|n| *n == 1)).unwrap();
+        faulty.fail_reads.store(false, Ordering::SeqCst);
+        region.discard((chunk + PAGE) as usize, PAGE as usize).unwrap();
+        std::hint::black_box(region.as_slice()[(chunk + PAGE) as usize]);
+        panic!("a dropped page of a poisoned chunk was readable");
+    }
+    assert_eq!(run_child(name), Some(libc::SIGBUS));
 }

@@ -21,7 +21,9 @@ use crate::shutdown::{self, Holder};
 /// to the remote every --push-interval and on exit. Every remote request has a deadline
 /// (--remote-timeout): past it the application gets EIO and the connection is made anew.
 ///
-/// Runs until SIGINT/SIGTERM, then flushes, pushes once more and unmounts. A remote that takes
+/// Runs until SIGINT/SIGTERM, then flushes, pushes once more and unmounts (the slice frontend
+/// first writes back what connected programs changed since their last sync, then stops serving
+/// them: pages they never touched raise SIGBUS). A remote that takes
 /// no data for --remote-timeout + 5 s (dead or frozen) ends this: the mount exits with an error
 /// saying how many bytes were not pushed and where they are (kept in the --cache directory and
 /// pushed on the next start, or lost with the in-memory cache). A second signal exits at once

@@ -227,6 +227,9 @@ impl Shared {
     }
 
     async fn work(self: Arc<Self>) {
+        // A worker dropped before it returns (its runtime was shut down, e.g. with the region
+        // that owned it) reports Closed, so that `wait` ends instead of hanging.
+        let mut abandoned = Abandoned(&self, true);
         loop {
             let chunk = {
                 let mut queue = self.queue.lock();
@@ -238,6 +241,7 @@ impl Shared {
                         if queue.running == 0 && drained {
                             self.progress.send_modify(|p| p.finished = true);
                         }
+                        abandoned.1 = false;
                         return;
                     }
                 }
@@ -251,6 +255,21 @@ impl Shared {
                     });
                 }
             }
+        }
+    }
+}
+
+/// Reports `Error::Closed` when dropped armed (see [`Shared::work`]).
+struct Abandoned<'a>(&'a Shared, bool);
+
+impl Drop for Abandoned<'_> {
+    fn drop(&mut self) {
+        if self.1 {
+            self.0.progress.send_modify(|p| {
+                if !p.finished {
+                    p.error.get_or_insert(Error::Closed);
+                }
+            });
         }
     }
 }

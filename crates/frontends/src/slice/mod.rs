@@ -3,23 +3,30 @@
 //! # How it works
 //!
 //! The region is registered with userfaultfd. A handler thread reads fault events and never
-//! does I/O itself: a fault on a chunk that is not installed yet hands that chunk to a task on a
-//! Tokio runtime (one task per chunk, however many threads fault on it), which reads the whole
-//! chunk from the backend and installs it with one `UFFDIO_COPY` (or `UFFDIO_ZEROPAGE` when the
-//! chunk is known or found to be all zeros). The copy wakes every thread waiting on the chunk.
-//! The [`Puller`](r3map_core::stages::Puller) installs chunks the same way before they are touched (a chunk that is already
-//! there is simply skipped).
+//! does I/O or fills itself: a fault on a chunk that is not installed yet hands that chunk to a
+//! task on the region's own Tokio runtime (never the caller's, so application threads that are
+//! workers of the caller's runtime cannot starve it; one task per chunk, however many threads
+//! fault on it), which reads the whole chunk from the backend and installs it with one
+//! `UFFDIO_COPY` (or zeros when the chunk is known or found to be all zeros). The install wakes
+//! every thread waiting on the chunk. The [`Puller`](r3map_core::stages::Puller) installs
+//! chunks the same way, on the same runtime, before they are touched.
 //!
 //! Writes are tracked without faults where the kernel can (`UFFD_FEATURE_WP_ASYNC`): chunks are
 //! installed write-protected, the kernel clears the protection on the first write to a page by
-//! itself, and [`RegionHandle::take_dirty`] collects written pages with one `PAGEMAP_SCAN` that
-//! also re-protects them. Where async write-protect is missing, write-protect faults are
-//! handled synchronously (one fault per chunk per round). [`RegionHandle::tracking_mode`] says
-//! which mode runs.
+//! itself, and [`RegionHandle::take_dirty`] collects written pages, present or swapped out,
+//! with one `PAGEMAP_SCAN` that also re-protects them. Where async write-protect is missing,
+//! write-protect faults are handled synchronously (one fault per chunk per round; zeros go in
+//! write-protected in the same ioctl). [`RegionHandle::tracking_mode`] says which mode runs.
 //!
-//! A fault that cannot be served (backend error, timeout) poisons the chunk (`UFFDIO_POISON`):
-//! the faulting thread gets SIGBUS instead of hanging, and the error is reported to the owner
-//! through [`RegionHandle::errors`].
+//! Zeros never stand in for data. A fault whose chunk cannot be fetched (backend error,
+//! timeout) poisons the chunk (`UFFDIO_POISON`, SIGBUS for the faulting thread; a region is
+//! refused where the kernel lacks it) or, with [`FailedFetch::Retry`], stays blocked while the
+//! fetch is retried; errors are reported through [`RegionHandle::errors`]. Pages dropped
+//! (`MADV_DONTNEED`) before or while their chunk is fetched read as zeros, not as resurrected
+//! backend bytes. A forked child gets no copy of a local region (MADV_DONTFORK); a served
+//! process' child gets its never-fetched pages poisoned. A served process that moves the range
+//! with `mremap` gets SIGBUS there, and `take_dirty` fails from then on. A served process that
+//! outlives its server gets its never-fetched pages poisoned ([`RemoteRegion::stop_serving`]).
 //!
 //! Memory for tracking is a handful of bits per chunk ([`AtomicBitmap`](r3map_core::AtomicBitmap)s).
 //!
@@ -49,7 +56,7 @@ use r3map_core::Error;
 
 use crate::uffd::UffdError;
 
-pub use options::{MemoryKind, RegionOptions, TrackingMode, WriteTracking, DEFAULT_CHUNK_SIZE};
+pub use options::{FailedFetch, MemoryKind, RegionOptions, TrackingMode, WriteTracking, DEFAULT_CHUNK_SIZE};
 pub use region::{Region, RegionHandle};
 pub use remote::{RemoteRegion, RemoteRequest};
 
@@ -69,6 +76,12 @@ pub enum RegionError {
         #[source]
         source: io::Error,
     },
+    /// The process moved part of the range with mremap: writes there cannot be tracked.
+    #[error(
+        "the process moved {len} bytes of the region from {from:#x} to {to:#x} (mremap); writes \
+         there can no longer be tracked, so the region refuses to report dirty chunks"
+    )]
+    Remapped { from: u64, to: u64, len: u64 },
     /// The region was closed.
     #[error("the region has been closed")]
     Closed,

@@ -38,6 +38,20 @@ pub enum TrackingMode {
     SyncWriteProtect,
 }
 
+/// What a fault whose chunk cannot be fetched (backend error, timeout) does. Never zeros: a
+/// chunk counts as installed only once its bytes are in place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FailedFetch {
+    /// The chunk is poisoned (`UFFDIO_POISON`): threads touching it get SIGBUS, and the error
+    /// is reported through [`RegionHandle::errors`](super::RegionHandle::errors). Needs
+    /// UFFD_FEATURE_POISON (Linux 6.6+); a region is refused where the kernel lacks it.
+    #[default]
+    Sigbus,
+    /// Faulting threads stay blocked while the fetch is retried (with back-off, each attempt
+    /// reported as an error) until it succeeds or the region closes. Works on every kernel.
+    Retry,
+}
+
 /// Region settings.
 #[derive(Debug, Clone)]
 pub struct RegionOptions {
@@ -47,13 +61,20 @@ pub struct RegionOptions {
     pub memory: MemoryKind,
     /// Write tracking.
     pub write_tracking: WriteTracking,
-    /// A backend read that takes longer fails the fault (SIGBUS) instead of hanging it.
-    /// Needs a runtime with the time driver.
+    /// A backend read that takes longer fails (see [`Self::failed_fetch`]) instead of hanging
+    /// the fault.
     pub fetch_timeout: Option<Duration>,
+    /// What a fault does when its chunk cannot be fetched.
+    pub failed_fetch: FailedFetch,
     /// Install fetched chunks that are all zeros with UFFDIO_ZEROPAGE (no memory used).
     pub detect_zero_chunks: bool,
-    /// Runtime for fetch tasks; when `None`, the current one, else a private 2-thread one.
-    pub runtime: Option<tokio::runtime::Handle>,
+    /// Worker threads of the region's own fetch runtime. Fetches never run on the caller's
+    /// runtime, so application threads that are its workers can fault without starving the
+    /// fetches that would wake them.
+    pub fetch_threads: usize,
+    /// Pretend the kernel lacks these `UFFD_FEATURE_*` bits: exercises the fallbacks and the
+    /// refusals of older kernels on one that has everything (tests). Normally 0.
+    pub ignore_features: u64,
 }
 
 impl Default for RegionOptions {
@@ -63,8 +84,10 @@ impl Default for RegionOptions {
             memory: MemoryKind::Anonymous,
             write_tracking: WriteTracking::Auto,
             fetch_timeout: Some(Duration::from_secs(30)),
+            failed_fetch: FailedFetch::Sigbus,
             detect_zero_chunks: true,
-            runtime: None,
+            fetch_threads: 2,
+            ignore_features: 0,
         }
     }
 }

@@ -11,7 +11,7 @@ use r3map_core::{ChunkLayout, Error, SharedBackend};
 use tokio::sync::watch;
 
 use super::handler::Handler;
-use super::state::{owned_runtime, Inner};
+use super::state::{fetch_runtime, Inner};
 use super::{FaultError, MemoryKind, RegionError, RegionOptions, RegionStats, TrackingMode};
 use crate::uffd::{self, Features, Mapping, Uffd};
 
@@ -39,6 +39,7 @@ pub struct Region {
     handler: Handler,
     mapping: Mapping,
     handle: RegionHandle,
+    /// The fetch runtime (the region's own; see [`RegionOptions::fetch_threads`]).
     runtime: Option<tokio::runtime::Runtime>,
 }
 
@@ -65,8 +66,15 @@ impl Region {
             MemoryKind::Memfd => Mapping::shared_memfd(map_len as usize, "r3map-region"),
         }
         .map_err(RegionError::io("mapping the region"))?;
+        // A forked child would get a copy of the range that nobody serves: its never-fetched
+        // pages would read as zeros (anonymous) or, shared, zero the parent's too. Without the
+        // mapping the child faults loudly (SIGSEGV) instead.
+        mapping
+            .exclude_from_fork()
+            .map_err(RegionError::io("madvise(MADV_DONTFORK) on the region"))?;
         let uffd = Uffd::create()?;
-        let (runtime_handle, runtime) = owned_runtime(options.runtime.clone())?;
+        let runtime = fetch_runtime(options.fetch_threads)?;
+        let runtime_handle = runtime.handle().clone();
         let inner = Inner::setup(
             uffd,
             mapping.addr(),
@@ -83,7 +91,7 @@ impl Region {
             handler,
             mapping,
             handle: RegionHandle { inner },
-            runtime,
+            runtime: Some(runtime),
         })
     }
 
@@ -166,6 +174,11 @@ impl RegionHandle {
         self.inner.base
     }
 
+    /// The process whose memory this is (`None`: this process).
+    pub fn pid(&self) -> Option<i32> {
+        self.inner.pid
+    }
+
     /// Which write tracking runs.
     pub fn tracking_mode(&self) -> TrackingMode {
         self.inner.tracking
@@ -222,7 +235,7 @@ impl RegionHandle {
                 size: self.inner.layout.size(),
             });
         }
-        self.inner.ensure(chunk, false).await
+        self.inner.ensure(chunk).await
     }
 
     /// Starts a [`Puller`] that installs every chunk in the background (on the region's

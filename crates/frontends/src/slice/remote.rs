@@ -12,7 +12,7 @@ use r3map_core::SharedBackend;
 
 use super::handler::Handler;
 use super::region::RegionHandle;
-use super::state::{owned_runtime, Inner};
+use super::state::{fetch_runtime, Inner};
 use super::{RegionError, RegionOptions};
 use crate::uffd::{self, Uffd};
 
@@ -72,6 +72,7 @@ impl RemoteRequest {
 pub struct RemoteRegion {
     handler: Handler,
     handle: RegionHandle,
+    /// The fetch runtime (the region's own; see [`RegionOptions::fetch_threads`]).
     runtime: Option<tokio::runtime::Runtime>,
 }
 
@@ -101,7 +102,8 @@ impl RemoteRegion {
         }
         let uffd = Uffd::from_owned_fd(uffd_fd)?;
         let pidfd = uffd::pidfd_open(request.pid).map_err(RegionError::io("pidfd_open"))?;
-        let (runtime_handle, runtime) = owned_runtime(options.runtime.clone())?;
+        let runtime = fetch_runtime(options.fetch_threads)?;
+        let runtime_handle = runtime.handle().clone();
         let inner = Arc::new(Inner::setup(
             uffd,
             request.addr,
@@ -116,13 +118,45 @@ impl RemoteRegion {
         Ok(Self {
             handler,
             handle: RegionHandle { inner },
-            runtime,
+            runtime: Some(runtime),
         })
     }
 
     /// A cloneable handle for the control side.
     pub fn handle(&self) -> RegionHandle {
         self.handle.clone()
+    }
+
+    /// Stops serving (once; dropping does it too). The client may live on without a server:
+    /// once the range is unregistered, a page nobody fetched would read as zeros, so such pages
+    /// are poisoned first (SIGBUS instead). Returns how many chunks were never fetched.
+    pub fn stop_serving(&self) -> u64 {
+        let inner = &self.handle.inner;
+        if inner.closing.swap(true, Ordering::AcqRel) || *inner.peer_closed.lock() {
+            return 0;
+        }
+        let pid = inner.pid.unwrap_or(0);
+        let unfetched = inner.layout.chunk_count() - inner.installed.count_ones();
+        if inner.poison_supported {
+            match inner.poison_unfetched(&inner.uffd, std::thread::yield_now) {
+                Ok(0) => {}
+                Ok(chunks) => tracing::warn!(
+                    pid,
+                    chunks,
+                    "stopped serving a process that still runs; its never-fetched chunks raise SIGBUS from now on"
+                ),
+                Err(err) => tracing::error!(pid, %err, "poisoning the never-fetched pages of a process failed"),
+            }
+        } else if unfetched > 0 {
+            tracing::error!(
+                pid,
+                unfetched,
+                "stopped serving a process that still runs, without UFFDIO_POISON: its never-fetched chunks read as zeros from now on"
+            );
+        }
+        // Best effort: the client may already be gone.
+        let _ = inner.uffd.unregister(inner.base, inner.map_len);
+        unfetched
     }
 
     /// Waits until the client unmapped the range or exited; false on timeout.
@@ -148,12 +182,7 @@ impl std::ops::Deref for RemoteRegion {
 
 impl Drop for RemoteRegion {
     fn drop(&mut self) {
-        let inner = &self.handle.inner;
-        inner.closing.store(true, Ordering::Release);
-        if !*inner.peer_closed.lock() {
-            // Best effort: the client may already be gone.
-            let _ = inner.uffd.unregister(inner.base, inner.map_len);
-        }
+        self.stop_serving();
         self.handler.stop();
         if let Some(runtime) = self.runtime.take() {
             runtime.shutdown_background();

@@ -2,14 +2,15 @@
 //! negotiation with the kernel that creates it.
 
 use std::collections::VecDeque;
+use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::time::Duration;
 
-use parking_lot::{Condvar, Mutex};
+use parking_lot::{Condvar, Mutex, RwLock};
 use r3map_core::{AtomicBitmap, ChunkLayout, ChunkLocks, SharedBackend};
 use tokio::sync::watch;
 
-use super::{FaultError, RegionError, RegionOptions, TrackingMode, WriteTracking};
+use super::{FailedFetch, FaultError, RegionError, RegionOptions, TrackingMode, WriteTracking};
 use crate::uffd::{self, raw, Features, Pagemap, RegisterMode, Uffd, UffdError};
 
 pub(super) struct Inner {
@@ -28,18 +29,37 @@ pub(super) struct Inner {
     pub(super) pid: Option<i32>,
     pub(super) runtime: tokio::runtime::Handle,
     pub(super) fetch_timeout: Option<Duration>,
+    pub(super) failed_fetch: FailedFetch,
     pub(super) detect_zero: bool,
 
     pub(super) installed: AtomicBitmap,
     pub(super) fault_pending: AtomicBitmap,
     pub(super) poisoned: AtomicBitmap,
     pub(super) known_zero: AtomicBitmap,
+    /// Pages (not chunks) dropped while their chunk was not installed yet: they are installed
+    /// as zeros, not with the backend's bytes.
+    pub(super) discarded: AtomicBitmap,
+    /// Orders installing against the events the handler reads. The handler holds it
+    /// exclusively from reading events until it has recorded them; an install holds it shared
+    /// from looking at `discarded` until its pages are in. So a REMOVE is either recorded
+    /// before an install looks (its pages go in as zeros) or read after the install, and then
+    /// the kernel drops the installed pages itself (it zaps only after the event is read).
+    pub(super) event_gate: RwLock<()>,
+    /// Set when the process moved part of the range with mremap: writes there cannot be
+    /// tracked any more, so `take_dirty` fails from then on.
+    pub(super) remapped: Mutex<Option<(u64, u64, u64)>>,
+    /// Userfaultfds of forked children kept open where they could not be poisoned (their
+    /// never-fetched pages then block instead of reading zeros).
+    pub(super) child_uffds: Mutex<Vec<OwnedFd>>,
     /// Dirty by other means than page writes (discarded pages, failed pushes).
     pub(super) extra_dirty: AtomicBitmap,
     /// Sync write-protect mode: chunks written since the last `take_dirty`.
     pub(super) sync_dirty: AtomicBitmap,
     /// One page of zeros (source for refilling single discarded pages).
     pub(super) zero_page: Box<[u8]>,
+    /// A chunk of zeros: the source for zero chunks under sync write-protect, which must go in
+    /// write-protected in one step (allocated lazily by the kernel; untouched it costs nothing).
+    pub(super) zero_chunk: Box<[u8]>,
     pub(super) locks: ChunkLocks,
     /// Orders un-protecting (fault handler) against re-protecting (`take_dirty`) in sync mode.
     pub(super) wp_lock: Mutex<()>,
@@ -59,23 +79,26 @@ pub(super) struct Inner {
     pub(super) already_present: AtomicU64,
 }
 
-pub(super) fn owned_runtime(
-    given: Option<tokio::runtime::Handle>,
-) -> Result<(tokio::runtime::Handle, Option<tokio::runtime::Runtime>), RegionError> {
-    if let Some(handle) = given {
-        return Ok((handle, None));
+/// The region's own fetch runtime: never the caller's, so application threads that are workers
+/// of the caller's runtime can fault without starving the fetches that would wake them.
+pub(super) fn fetch_runtime(threads: usize) -> Result<tokio::runtime::Runtime, RegionError> {
+    if threads == 0 {
+        return Err(RegionError::InvalidConfig(
+            "a region needs at least one fetch thread".into(),
+        ));
     }
-    if let Ok(handle) = tokio::runtime::Handle::try_current() {
-        return Ok((handle, None));
-    }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
         .thread_name("r3map-fetch")
         .enable_all()
         .build()
-        .map_err(RegionError::io("starting the fetch runtime"))?;
-    Ok((runtime.handle().clone(), Some(runtime)))
+        .map_err(RegionError::io("starting the fetch runtime"))
 }
+
+/// Why a region that would deliver SIGBUS for failed fetches cannot be set up without poison.
+const NO_POISON: &str = "UFFDIO_POISON (UFFD_FEATURE_POISON, Linux 6.6+), which makes a fault whose \
+chunk cannot be fetched raise SIGBUS; without it that fault could only be answered with zeros. \
+Use FailedFetch::Retry to keep such faults blocked and retried instead";
 
 impl Inner {
     #[allow(clippy::too_many_arguments)]
@@ -100,11 +123,26 @@ impl Inner {
             .map_err(|e| RegionError::InvalidConfig(e.to_string()))?;
         let map_len = size.div_ceil(page) * page;
 
-        let available = Uffd::probe()?;
-        let mut wanted = u64::from(raw::UFFD_FEATURE_EVENT_REMOVE | raw::UFFD_FEATURE_EVENT_UNMAP);
+        let probed = Uffd::probe()?;
+        let available = Features {
+            features: probed.features & !options.ignore_features,
+            ..probed
+        };
+        // FORK and REMAP are asked for so that a fork or mremap of the range is seen and
+        // answered (see the handler) instead of silently unregistering the copy or the moved
+        // part, whose never-fetched pages would then read as zeros.
+        let mut wanted = u64::from(
+            raw::UFFD_FEATURE_EVENT_REMOVE
+                | raw::UFFD_FEATURE_EVENT_UNMAP
+                | raw::UFFD_FEATURE_EVENT_FORK
+                | raw::UFFD_FEATURE_EVENT_REMAP,
+        );
         if shmem {
             if !available.has(raw::UFFD_FEATURE_MISSING_SHMEM) {
-                return Err(UffdError::Unsupported("userfaultfd on shared memory".into()).into());
+                return Err(UffdError::Unsupported(
+                    "userfaultfd on shared memory (UFFD_FEATURE_MISSING_SHMEM, Linux 4.11+)".into(),
+                )
+                .into());
             }
             wanted |= u64::from(raw::UFFD_FEATURE_MISSING_SHMEM);
         }
@@ -137,8 +175,8 @@ impl Inner {
         let poison_supported = available.has(raw::UFFD_FEATURE_POISON);
         if poison_supported {
             wanted |= u64::from(raw::UFFD_FEATURE_POISON);
-        } else {
-            tracing::warn!("no UFFDIO_POISON: a fault that cannot be served stays blocked");
+        } else if options.failed_fetch == FailedFetch::Sigbus {
+            return Err(UffdError::Unsupported(NO_POISON.into()).into());
         }
         let features = uffd.api(wanted)?;
         let ioctls = uffd.register(
@@ -161,6 +199,9 @@ impl Inner {
             return Err(UffdError::Unsupported("UFFDIO_WRITEPROTECT on this memory".into()).into());
         }
         let poison_supported = poison_supported && ioctls & raw::IOCTL_BIT_POISON != 0;
+        if !poison_supported && options.failed_fetch == FailedFetch::Sigbus {
+            return Err(UffdError::Unsupported(format!("{NO_POISON} (on this memory)")).into());
+        }
         let pagemap = if tracking == TrackingMode::AsyncWriteProtect {
             let pagemap = Pagemap::open(pid).map_err(RegionError::io("opening pagemap"))?;
             // Nothing is present yet: this only proves PAGEMAP_SCAN works on the range.
@@ -188,14 +229,20 @@ impl Inner {
             pid,
             runtime,
             fetch_timeout: options.fetch_timeout,
+            failed_fetch: options.failed_fetch,
             detect_zero: options.detect_zero_chunks,
             installed: AtomicBitmap::new(chunks),
             fault_pending: AtomicBitmap::new(chunks),
             poisoned: AtomicBitmap::new(chunks),
             known_zero: AtomicBitmap::new(chunks),
+            discarded: AtomicBitmap::new(map_len / page),
+            event_gate: RwLock::new(()),
+            remapped: Mutex::new(None),
+            child_uffds: Mutex::new(Vec::new()),
             extra_dirty: AtomicBitmap::new(chunks),
             sync_dirty: AtomicBitmap::new(chunks),
             zero_page: vec![0u8; page as usize].into_boxed_slice(),
+            zero_chunk: vec![0u8; layout.chunk_size() as usize].into_boxed_slice(),
             locks: ChunkLocks::new(),
             wp_lock: Mutex::new(()),
             scan_lock: Mutex::new(()),
@@ -236,6 +283,12 @@ impl Inner {
         let first = (lo - self.base) / self.layout.chunk_size();
         let last = ((hi - 1 - self.base) / self.layout.chunk_size()).min(self.layout.chunk_count() - 1);
         first..last + 1
+    }
+
+    /// Page indexes (from the region's start) of `len` bytes at `start`.
+    pub(super) fn pages_of(&self, start: u64, len: u64) -> std::ops::Range<u64> {
+        let first = (start - self.base) / self.page_size;
+        first..first + len / self.page_size
     }
 
     pub(super) fn mark_peer_closed(&self) {

@@ -15,12 +15,34 @@ use crate::uffd;
 impl Inner {
     /// Sync write-protect: a write hit a protected chunk; record it and unprotect the chunk
     /// (which wakes the writer).
-    pub(super) fn resolve_write_protect(&self, chunk: u64) {
+    pub(super) fn resolve_write_protect(self: &Arc<Self>, chunk: u64) {
+        if self.unprotect(chunk) {
+            return;
+        }
+        // The mapping is changing: an event this thread has yet to read holds the ioctl back,
+        // so a task retries while the handler goes on reading.
+        let inner = self.clone();
+        self.runtime.spawn(async move {
+            while !inner.unprotect(chunk) {
+                tokio::task::yield_now().await;
+            }
+        });
+    }
+
+    /// Records a write to `chunk` and unprotects it (waking the writer); false on EAGAIN.
+    fn unprotect(&self, chunk: u64) -> bool {
         let _guard = self.wp_lock.lock();
         self.sync_dirty.set(chunk);
         let (start, len) = self.chunk_span(chunk);
-        if let Err(err) = self.uffd.writeprotect(start, len, false, false) {
-            tracing::error!(%err, chunk, "un-write-protecting a chunk failed");
+        match self.uffd.writeprotect(start, len, false, false) {
+            Ok(()) => true,
+            Err(err) if err.errno() == Some(libc::EAGAIN) => false,
+            Err(err) => {
+                if !self.closing.load(Ordering::Acquire) {
+                    tracing::error!(%err, chunk, "un-write-protecting a chunk failed");
+                }
+                true
+            }
         }
     }
 
@@ -29,6 +51,9 @@ impl Inner {
             return Err(RegionError::Closed);
         }
         let _scan = self.scan_lock.lock();
+        if let Some((from, to, len)) = *self.remapped.lock() {
+            return Err(RegionError::Remapped { from, to, len });
+        }
         let mut dirty = Vec::new();
         match self.tracking {
             TrackingMode::Off => {
@@ -52,7 +77,13 @@ impl Inner {
                     // Protect before clearing: a write before this point is in this round,
                     // a write after it faults and lands in the next.
                     let (start, len) = self.chunk_span(chunk);
-                    self.uffd.writeprotect(start, len, true, false)?;
+                    loop {
+                        match self.uffd.writeprotect(start, len, true, false) {
+                            // An event is queued; the handler reads it soon.
+                            Err(err) if err.errno() == Some(libc::EAGAIN) => std::thread::yield_now(),
+                            other => break other?,
+                        }
+                    }
                     self.sync_dirty.clear(chunk);
                     dirty.push(chunk);
                 }

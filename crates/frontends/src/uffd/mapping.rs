@@ -110,6 +110,19 @@ impl Mapping {
         unsafe { std::slice::from_raw_parts_mut(self.as_ptr(), self.len) }
     }
 
+    /// Leaves the mapping out of children this process forks (MADV_DONTFORK): they get no
+    /// copy of it at all, so touching it there faults (SIGSEGV) instead of reading pages
+    /// nobody serves.
+    pub fn exclude_from_fork(&self) -> io::Result<()> {
+        // SAFETY: the range is exactly our mapping; MADV_DONTFORK changes only what fork
+        // copies, never the contents or the mapping of this process.
+        let rc = unsafe { libc::madvise(self.as_ptr().cast(), self.len, libc::MADV_DONTFORK) };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
     /// Drops the pages of a range (`MADV_DONTNEED` for private, `MADV_REMOVE` for shared
     /// memory): they read as zeros afterwards (through userfaultfd, a REMOVE event).
     pub fn discard(&mut self, offset: usize, len: usize) -> io::Result<()> {

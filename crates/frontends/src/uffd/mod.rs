@@ -24,9 +24,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 #[derive(Debug, thiserror::Error)]
 pub enum UffdError {
     /// The kernel lacks a feature or ioctl this use needs.
-    #[error(
-        "the kernel does not support {0}; a newer kernel (6.7+ for WP_ASYNC and PAGEMAP_SCAN) is needed"
-    )]
+    #[error("the kernel does not support {0}")]
     Unsupported(String),
     /// A system call failed.
     #[error("{op} failed: {source}")]
@@ -151,7 +149,7 @@ impl Uffd {
                     })
             }
             Err(err) if err.raw_os_error() == Some(libc::ENOSYS) => {
-                Err(UffdError::Unsupported("the userfaultfd system call".into()))
+                Err(UffdError::Unsupported("the userfaultfd system call (CONFIG_USERFAULTFD)".into()))
             }
             Err(source) => Err(UffdError::Os {
                 op: "userfaultfd",

@@ -29,8 +29,9 @@ impl Pagemap {
     }
 
     /// Appends the `[start, end)` address ranges of pages in `start..end` that were written
-    /// since they were last write-protected; with `reprotect`, write-protects exactly those
-    /// pages again in the same walk (zero-page mappings are never reported) (so a write after it shows up in the next scan). Fails
+    /// since they were last write-protected, present or swapped out (zero-page mappings are
+    /// never reported); with `reprotect`, write-protects exactly those pages again in the same
+    /// walk (so a write after it shows up in the next scan). Fails
     /// with EPERM if a page in the range is not registered for async write-protect.
     pub fn scan_written(
         &self,
@@ -60,13 +61,17 @@ impl Pagemap {
                 vec: regions.as_mut_ptr() as u64,
                 vec_len: regions.len() as u64,
                 max_pages: 0,
-                // Present, written and not the shared zero page. Zero-page mappings
-                // (UFFDIO_ZEROPAGE) carry no write-protect bit but were never written (a write
-                // replaces them). Requiring PRESENT keeps the walk from write-protecting holes,
-                // which would leave markers there that UFFDIO_ZEROPAGE refuses (EEXIST).
+                // Written, not the shared zero page, and present or swapped out. A written page
+                // that went to swap keeps its cleared write-protect bit in the swap entry
+                // (PAGE_IS_SWAPPED | PAGE_IS_WRITTEN); requiring PAGE_IS_PRESENT would miss it.
+                // Holes are neither present nor swapped: leaving them out keeps the walk from
+                // write-protecting them, which would leave markers there that ZEROPAGE and
+                // POISON refuse (EEXIST). Write-protect markers are swap entries, but count as
+                // protected (not written). Zero-page mappings (UFFDIO_ZEROPAGE) carry no
+                // write-protect bit but were never written (a write replaces them).
                 category_inverted: u64::from(raw::PAGE_IS_PFNZERO),
-                category_mask: u64::from(raw::PAGE_IS_WRITTEN | raw::PAGE_IS_PRESENT | raw::PAGE_IS_PFNZERO),
-                category_anyof_mask: 0,
+                category_mask: u64::from(raw::PAGE_IS_WRITTEN | raw::PAGE_IS_PFNZERO),
+                category_anyof_mask: u64::from(raw::PAGE_IS_PRESENT | raw::PAGE_IS_SWAPPED),
                 return_mask: u64::from(raw::PAGE_IS_WRITTEN),
             };
             // SAFETY: PAGEMAP_SCAN reads one `struct pm_scan_arg` and writes up to `vec_len`
