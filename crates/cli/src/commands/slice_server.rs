@@ -70,7 +70,10 @@ impl SliceServer {
             self.programs.lock().expect("lock").values().cloned().collect();
         for region in programs {
             region.push_dirty().await.with_context(|| {
-                format!("cannot write back the memory of process {}", region.pid().unwrap_or(0))
+                format!(
+                    "cannot write back the memory of process {}",
+                    region.pid().unwrap_or(0)
+                )
             })?;
         }
         Ok(())
