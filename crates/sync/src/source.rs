@@ -281,7 +281,7 @@ impl Source {
                 Message::Published { digest } if digest == plan.digest => {
                     must_answer = false;
                     (self.log)(format!(
-                        "receiver {peer} published version {}: {} blocks sent ({} bytes on the wire)",
+                        "receiver {peer} published version {}: {} blocks sent ({} bytes sent by this advertiser meanwhile)",
                         hex8(&digest),
                         plan.blocks.len(),
                         self.counters.sent() - sent_before

@@ -8,6 +8,11 @@ use std::path::{Path, PathBuf};
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, WatchDescriptor};
 use tokio::sync::mpsc;
 
+/// Quiet time after an event before the file counts as changed.
+pub const SETTLE: std::time::Duration = std::time::Duration::from_millis(20);
+/// Longest a steady writer can postpone a hash pass.
+pub const MAX_SETTLE: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// Change events of one file, from an inotify instance read on a thread of its own (a blocking
 /// read needs no unsafe registration with the async reactor).
 pub struct FileWatch {
@@ -62,8 +67,21 @@ impl FileWatch {
         Ok(Self { events })
     }
 
-    /// Waits until the file may have changed.
+    /// Waits until the file may have changed and its writer paused: a burst of writes (events
+    /// less than [`SETTLE`] apart, for at most [`MAX_SETTLE`]) counts once, so one hash pass and
+    /// one version follow it instead of one per write.
     pub async fn changed(&mut self) -> io::Result<()> {
+        self.next().await?;
+        let deadline = tokio::time::Instant::now() + MAX_SETTLE;
+        while let Ok(event) =
+            tokio::time::timeout_at(deadline.min(tokio::time::Instant::now() + SETTLE), self.next()).await
+        {
+            event?;
+        }
+        Ok(())
+    }
+
+    async fn next(&mut self) -> io::Result<()> {
         match self.events.recv().await {
             Some(result) => result,
             None => Err(io::Error::other("the inotify thread stopped")),
