@@ -291,7 +291,6 @@ impl RsyncDaemon {
                 .find(|l| l.starts_with(name))
                 .unwrap_or_else(|| panic!("no {name} in {stdout}"));
             line[name.len()..]
-                .trim()
                 .split_whitespace()
                 .next()
                 .unwrap()
