@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -88,6 +89,30 @@ fn leech_into(uri: &str, dest: &Path, extra: &[&str]) -> Vec<String> {
     let lines = leecher.seen.clone();
     assert!(leecher.wait_exit(LONG), "the leecher failed");
     lines
+}
+
+/// A `r3map delay-proxy` in front of the seeder at `uri`, capped at `rate` per second; returns
+/// the proxy and the `HOST:PORT` a leecher connects to.
+fn slow_link(uri: &str, rate: &str) -> (Proc, String) {
+    let upstream = uri.trim_start_matches("grpc://");
+    let mut proxy = Proc::start(&[
+        "delay-proxy",
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        upstream,
+        "--rtt",
+        "0ms",
+        "--rate",
+        rate,
+    ]);
+    let line = proxy.wait_for("127.0.0.1:", LONG);
+    let address = line
+        .split_whitespace()
+        .find(|word| word.starts_with("127.0.0.1:"))
+        .unwrap_or_else(|| panic!("no address in the proxy's line {line:?}"))
+        .to_string();
+    (proxy, address)
 }
 
 /// Starts a seeder of `resource` whose application (`writer_args`, run after the frontend is
@@ -240,24 +265,7 @@ fn a_leecher_killed_before_finalize_leaves_the_seeder_serving_the_next_one() {
         ]
     });
     // A slow link keeps the first leecher pulling until it is killed.
-    let address = uri.trim_start_matches("grpc://").to_string();
-    let mut proxy = Proc::start(&[
-        "delay-proxy",
-        "--listen",
-        "127.0.0.1:0",
-        "--upstream",
-        &address,
-        "--rtt",
-        "0ms",
-        "--rate",
-        "1MiB",
-    ]);
-    let proxied = proxy.wait_for("127.0.0.1:", LONG);
-    let proxied = proxied
-        .split_whitespace()
-        .find(|w| w.starts_with("127.0.0.1:"))
-        .unwrap()
-        .to_string();
+    let (_proxy, proxied) = slow_link(&uri, "1MiB");
     let doomed_dest = dir.path().join("doomed.img");
     let doomed_to = format!("file:{}", doomed_dest.display());
     let mut doomed = Proc::start(&[
@@ -302,24 +310,7 @@ fn abort_resumes_the_source_and_the_leecher_never_takes_over() {
             HOT.to_string(),
         ]
     });
-    let address = uri.trim_start_matches("grpc://").to_string();
-    let mut proxy = Proc::start(&[
-        "delay-proxy",
-        "--listen",
-        "127.0.0.1:0",
-        "--upstream",
-        &address,
-        "--rtt",
-        "0ms",
-        "--rate",
-        "1MiB",
-    ]);
-    let proxied = proxy.wait_for("127.0.0.1:", LONG);
-    let proxied = proxied
-        .split_whitespace()
-        .find(|w| w.starts_with("127.0.0.1:"))
-        .unwrap()
-        .to_string();
+    let (_proxy, proxied) = slow_link(&uri, "1MiB");
     let to = format!("file:{}", dest.display());
     let mut leecher = Proc::start(&["migrate", "leech", &format!("grpc://{proxied}"), "--to", &to]);
     leecher.wait_for("leeching", LONG);
@@ -331,6 +322,135 @@ fn abort_resumes_the_source_and_the_leecher_never_takes_over() {
     assert!(!leecher.wait_exit(LONG), "the leecher must fail after an abort");
     assert_ne!(process_state(writer.pid()), 'T');
     drop(seeder);
+    writer.kill();
+}
+
+/// Signals while the leecher finalizes: the source is suspended then, so the first signal only
+/// says what stopping would do; the second aborts the migration, which resumes the source, and
+/// the leecher exits without taking over.
+#[test]
+fn a_leecher_signalled_twice_during_finalize_aborts_and_the_source_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (src, dest) = (dir.path().join("src.img"), dir.path().join("dest.img"));
+    std::fs::write(&src, r3map_core::testing::pattern(5, 8 << 20)).unwrap();
+    // The suspend command holds finalize until the test writes to the FIFO.
+    let (hold, resumed) = (dir.path().join("hold"), dir.path().join("resumed"));
+    assert!(Command::new("mkfifo").arg(&hold).status().unwrap().success());
+    let suspend = format!("echo suspend-started >&2; read line < {}", hold.display());
+    let resume = format!("touch {}", resumed.display());
+    let resource = format!("file:{}", src.display());
+    let mut seeder = Proc::start(&[
+        "migrate",
+        "seed",
+        &resource,
+        "--listen",
+        "127.0.0.1:0",
+        "--suspend",
+        &suspend,
+        "--resume",
+        &resume,
+    ]);
+    let uri = seeding_uri(&mut seeder);
+    let to = format!("file:{}", dest.display());
+    let mut leecher = Proc::start(&["migrate", "leech", &uri, "--to", &to]);
+    leecher.wait_for("finalizing", LONG);
+    seeder.wait_for("suspend-started", LONG);
+    leecher.signal("TERM");
+    leecher.wait_for("Signal again to abort", LONG);
+    assert!(
+        !leecher.seen.iter().any(|line| line.contains("gave up")),
+        "the first signal must not stop finalize"
+    );
+    leecher.signal("TERM");
+    // The abort queues behind the seeder's sync; releasing the suspend command lets both run.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&hold)
+        .unwrap()
+        .write_all(b"go\n")
+        .unwrap();
+    assert!(
+        !leecher.wait_exit(LONG),
+        "a leecher that gave up must exit non-zero"
+    );
+    assert!(
+        leecher
+            .seen
+            .iter()
+            .any(|line| line.contains("the migration was aborted")),
+        "{}",
+        leecher.seen.join("\n")
+    );
+    assert!(
+        !leecher.seen.iter().any(|line| line.contains("finalized:")),
+        "the leecher took over"
+    );
+    seeder.wait_for("seeder: serving (no migration)", LONG);
+    assert!(resumed.exists(), "the source was not resumed");
+}
+
+/// Signals while the leecher completes: it is authoritative then, so the first signal says
+/// how many chunks are still only at the source, and the second stops it anyway, naming them.
+#[test]
+fn a_leecher_signalled_twice_while_completing_stops_and_names_the_missing_chunks() {
+    if !have_fuse() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let dest = dir.path().join("dest.img");
+    let mnt = dir.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let resource = format!("file:{}?size=8MiB", dir.path().join("src.img").display());
+    // Every chunk is written during the pull, so all 8 are in the final dirty list.
+    let (_seeder, uri, writer) = seed_with_writer(dir.path(), &resource, "file", &mnt, |path| {
+        vec![
+            "file".into(),
+            path.display().to_string(),
+            "500".into(),
+            "0".into(),
+        ]
+    });
+    // At 1 MiB/s the dirty chunks take seconds to re-pull; the link then freezes.
+    let (proxy, proxied) = slow_link(&uri, "1MiB");
+    let to = format!("file:{}", dest.display());
+    let mut leecher = Proc::start(&["migrate", "leech", &format!("grpc://{proxied}"), "--to", &to]);
+    let finalized = leecher.wait_for("finalized:", LONG);
+    proxy.signal("STOP");
+    let dirty: u64 = finalized.split_whitespace().nth(1).unwrap().parse().unwrap();
+    assert!(
+        dirty >= 2,
+        "too few dirty chunks to keep the leecher completing: {finalized}"
+    );
+    leecher.signal("TERM");
+    let warning = leecher.wait_for("completing: this copy is authoritative but", LONG);
+    let missing: u64 = warning
+        .split("but ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no count in {warning:?}"));
+    assert!(missing >= 1, "{warning}");
+    leecher.signal("TERM");
+    // A second signal stops at once: well within one request deadline of the frozen link.
+    assert!(
+        !leecher.wait_exit(Duration::from_secs(20)),
+        "a stopped leecher must exit non-zero"
+    );
+    let stopped = leecher
+        .seen
+        .iter()
+        .find(|line| line.contains("stopped before completion"))
+        .unwrap_or_else(|| panic!("{}", leecher.seen.join("\n")));
+    // Bytes already in the socket buffers may still complete a chunk after the freeze.
+    let never: u64 = stopped
+        .split("completion: ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no count in {stopped:?}"));
+    assert!((1..=missing).contains(&never), "{stopped}");
+    assert!(stopped.contains("of 8 chunks never arrived"), "{stopped}");
+    proxy.signal("CONT");
     writer.kill();
 }
 
@@ -458,10 +578,12 @@ fn a_migration_crosses_network_namespaces_joined_by_veth() {
     assert_eq!(std::fs::read(&dest).unwrap(), content);
 }
 
-/// Two network namespaces with a veth pair between them, removed on drop.
+/// Two network namespaces with a veth pair between them, removed on drop (also after a
+/// partial setup: the pair is deleted where it was created).
 struct Hosts {
     seeder: String,
     leecher: String,
+    veth: String,
 }
 
 impl Hosts {
@@ -469,8 +591,13 @@ impl Hosts {
     const LEECHER_IP: &'static str = "10.213.7.2";
 
     fn create() -> Option<Self> {
-        let ip = |args: &[&str]| Command::new("ip").args(args).status().is_ok_and(|s| s.success());
-        if !ip(&["netns", "list"]) {
+        let ip = |args: &str| {
+            Command::new("ip")
+                .args(args.split_whitespace())
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        if !ip("netns list") {
             r3map_core::testing::skip("ip netns is unavailable (iproute2 missing or not root)");
             return None;
         }
@@ -478,93 +605,26 @@ impl Hosts {
         let hosts = Hosts {
             seeder: format!("r3map-seed-{id}"),
             leecher: format!("r3map-leech-{id}"),
+            veth: format!("r3s{id}"),
         };
-        let (veth_a, veth_b) = (format!("r3s{id}"), format!("r3l{id}"));
-        let steps: Vec<Vec<String>> = vec![
-            vec!["netns".into(), "add".into(), hosts.seeder.clone()],
-            vec!["netns".into(), "add".into(), hosts.leecher.clone()],
-            vec![
-                "link".into(),
-                "add".into(),
-                veth_a.clone(),
-                "type".into(),
-                "veth".into(),
-                "peer".into(),
-                "name".into(),
-                veth_b.clone(),
-            ],
-            vec![
-                "link".into(),
-                "set".into(),
-                veth_a.clone(),
-                "netns".into(),
-                hosts.seeder.clone(),
-            ],
-            vec![
-                "link".into(),
-                "set".into(),
-                veth_b.clone(),
-                "netns".into(),
-                hosts.leecher.clone(),
-            ],
-            vec![
-                "-n".into(),
-                hosts.seeder.clone(),
-                "addr".into(),
-                "add".into(),
-                format!("{}/24", Self::SEEDER_IP),
-                "dev".into(),
-                veth_a.clone(),
-            ],
-            vec![
-                "-n".into(),
-                hosts.leecher.clone(),
-                "addr".into(),
-                "add".into(),
-                format!("{}/24", Self::LEECHER_IP),
-                "dev".into(),
-                veth_b.clone(),
-            ],
-            vec![
-                "-n".into(),
-                hosts.seeder.clone(),
-                "link".into(),
-                "set".into(),
-                veth_a,
-                "up".into(),
-            ],
-            vec![
-                "-n".into(),
-                hosts.leecher.clone(),
-                "link".into(),
-                "set".into(),
-                veth_b,
-                "up".into(),
-            ],
-            vec![
-                "-n".into(),
-                hosts.seeder.clone(),
-                "link".into(),
-                "set".into(),
-                "lo".into(),
-                "up".into(),
-            ],
-            vec![
-                "-n".into(),
-                hosts.leecher.clone(),
-                "link".into(),
-                "set".into(),
-                "lo".into(),
-                "up".into(),
-            ],
+        let (seeder, leecher, veth_a, veth_b) =
+            (&hosts.seeder, &hosts.leecher, &hosts.veth, format!("r3l{id}"));
+        let steps = [
+            format!("netns add {seeder}"),
+            format!("netns add {leecher}"),
+            format!("link add {veth_a} type veth peer name {veth_b}"),
+            format!("link set {veth_a} netns {seeder}"),
+            format!("link set {veth_b} netns {leecher}"),
+            format!("-n {seeder} addr add {}/24 dev {veth_a}", Self::SEEDER_IP),
+            format!("-n {leecher} addr add {}/24 dev {veth_b}", Self::LEECHER_IP),
+            format!("-n {seeder} link set {veth_a} up"),
+            format!("-n {leecher} link set {veth_b} up"),
+            format!("-n {seeder} link set lo up"),
+            format!("-n {leecher} link set lo up"),
         ];
         for step in &steps {
-            let step: Vec<&str> = step.iter().map(String::as_str).collect();
-            if !ip(&step) {
-                r3map_core::testing::skip(&format!(
-                    "cannot set up network namespaces (ip {} failed)",
-                    step.join(" ")
-                ));
+            if !ip(step) {
+                r3map_core::testing::skip(&format!("cannot set up network namespaces (ip {step} failed)"));
                 return None;
             }
         }
@@ -574,8 +634,17 @@ impl Hosts {
 
 impl Drop for Hosts {
     fn drop(&mut self) {
+        let quiet = |args: &[&str]| {
+            let _ = Command::new("ip")
+                .args(args)
+                .stderr(std::process::Stdio::null())
+                .status();
+        };
+        // Deleting a namespace deletes the veth end inside it, and with it the pair; a pair
+        // that never left the root namespace is deleted there.
         for ns in [&self.seeder, &self.leecher] {
-            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+            quiet(&["netns", "del", ns]);
         }
+        quiet(&["link", "del", &self.veth]);
     }
 }

@@ -1,14 +1,15 @@
 //! `r3map migrate leech`: the destination of a migration.
 
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use r3map_core::stages::Priority;
-use r3map_core::{Backend, MemoryBackend, SharedBackend};
-use r3map_migration::{Leecher, LeecherOptions, MigrationError, RoundPolicy, SeederHooks};
-use r3map_mount::format_bytes;
+use r3map_core::{Backend, SharedBackend};
+use r3map_migration::{
+    CompleteReport, FinalizeReport, Leecher, LeecherOptions, MigrationError, RoundPolicy, SeederHooks,
+};
+use r3map_mount::{format_bytes, BackendSpec};
 
 use super::report::{follow_pull, Report};
 use super::transport::{self, LinkArgs, OnwardArgs};
@@ -25,7 +26,11 @@ use crate::frontend::{Frontend, Mounted};
 ///
 /// After completion: with --then-seed ADDR this host seeds onward (A → B → C); with a frontend
 /// it keeps serving the application until SIGINT/SIGTERM; otherwise --to holds the resource.
-/// A signal before finalize abandons the migration (the source keeps running).
+/// Signals: before finalize, SIGINT/SIGTERM abandons the migration (the source keeps running).
+/// During finalize (the source is suspended) the first signal explains and a second aborts the
+/// migration, so the source resumes (waiting at most 10 s for the seeder to confirm). After
+/// finalize (this copy is authoritative) the first explains and a second stops at once, naming
+/// the chunks that never arrived.
 #[derive(Debug, clap::Args)]
 #[command(verbatim_doc_comment)]
 pub struct Args {
@@ -71,18 +76,21 @@ pub async fn run(args: Args) -> Result<()> {
             bail!("--frontend {frontend:?} needs a TARGET (a directory, or a socket path for slice)");
         }
     }
-    let memory_only = args.to.trim_end_matches(':') == "memory";
+    let to: BackendSpec = args
+        .to
+        .parse()
+        .map_err(|err| anyhow::anyhow!("invalid --to {:?}: {err}", args.to))?;
+    let memory_only = matches!(to, BackendSpec::Memory { .. });
     if memory_only && args.frontend.is_none() && args.then_seed.is_none() {
         bail!("nothing would keep the migrated resource: give --to SPEC (e.g. file:/var/tmp/copy.img), a --frontend, or --then-seed");
     }
     let started = Instant::now();
     let link = transport::connect(&args.seeder, &args.link).await?;
     let info = link.info().await.context("cannot reach the seeder")?;
-    let local: SharedBackend = if memory_only {
-        Arc::new(MemoryBackend::new(info.size))
-    } else {
-        crate::remote::open(&args.to, Some(info.size), &Default::default()).await?
-    };
+    let local: SharedBackend = to
+        .open_with(Some(info.size), &Default::default())
+        .await
+        .with_context(|| format!("cannot open --to {}", args.to))?;
     let options = LeecherOptions {
         pull_workers: args.pull_workers,
         priority: Priority::sequential(),
@@ -129,15 +137,12 @@ pub async fn run(args: Args) -> Result<()> {
     for (round, dirty) in rounds.iter().enumerate() {
         eprintln!("pre-copy round {}: {dirty} dirty chunks re-pulled", round + 1);
     }
-    let finalized = match leecher.finalize().await {
+    eprintln!("finalizing: suspending the source and taking over");
+    let finalized = match finalize(&leecher, &args, &mut signals).await {
         Ok(finalized) => finalized,
         Err(err) => {
-            let hint = if matches!(err, MigrationError::Timeout { .. }) || err.is_connection_loss() {
-                format!("; the source may stay suspended: if this copy is not going to take over, resume it with `r3map migrate abort {}`", args.seeder)
-            } else {
-                String::new()
-            };
-            bail!("finalize failed, this copy did not take over: {err}{hint}");
+            drop(mounted.take());
+            return Err(err);
         }
     };
     eprintln!(
@@ -147,14 +152,7 @@ pub async fn run(args: Args) -> Result<()> {
         finalized.downtime_bound.as_secs_f64() * 1e3
     );
     follow_pull(&leecher, "completing").await;
-    let completed = leecher.complete(args.verify).await.map_err(|err| match err {
-        MigrationError::Incomplete { missing, total } => anyhow::anyhow!(
-            "the seeder went away before {} of {total} chunks arrived (first missing: {:?}); reads of them fail here, nothing is made up",
-            missing.len(),
-            &missing[..missing.len().min(8)]
-        ),
-        other => other.into(),
-    })?;
+    let completed = complete(&leecher, args.verify, &mut signals).await?;
     local.sync().await.context("cannot flush the local copy")?;
     let status = leecher.status();
     let report = Report {
@@ -187,4 +185,102 @@ pub async fn run(args: Args) -> Result<()> {
         local.sync().await.context("cannot flush the local copy")?;
     }
     Ok(())
+}
+
+/// How long giving up during finalize may wait for the seeder to confirm the abort.
+const ABORT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Finalize, watching signals: the source is suspended meanwhile, so the first signal says what
+/// stopping would do, and the second aborts the migration (the source resumes) unless the
+/// commit already landed, in which case this copy is authoritative and finalize goes on.
+async fn finalize(
+    leecher: &Leecher,
+    args: &Args,
+    signals: &mut crate::ShutdownSignals,
+) -> Result<FinalizeReport> {
+    let finalize = leecher.finalize();
+    tokio::pin!(finalize);
+    let mut warned = false;
+    let result = loop {
+        tokio::select! {
+            result = &mut finalize => break result,
+            _ = signals.recv() => {}
+        }
+        if !warned {
+            warned = true;
+            eprintln!("finalizing: the source is suspended until this copy takes over. Signal again to abort the migration (the source resumes and stays authoritative)");
+            continue;
+        }
+        // Abort and commit are serialised on the seeder: exactly one of them wins.
+        match tokio::time::timeout(ABORT_TIMEOUT, transport::abort_migration(&args.seeder, &args.link)).await {
+            Ok(Ok(before)) => bail!(
+                "gave up during finalize: the migration was aborted (the seeder was {before}); the source runs again and stays authoritative, and this copy is discarded"
+            ),
+            Ok(Err(MigrationError::HandedOff { .. })) => {
+                eprintln!("the source had already handed off: this copy is authoritative, so finalize goes on");
+                break finalize.await;
+            }
+            Ok(Err(err)) => bail!(
+                "gave up during finalize, and the abort failed ({err}); the source may stay suspended: resume it with `r3map migrate abort {}`",
+                args.seeder
+            ),
+            Err(_) => bail!(
+                "gave up during finalize; the seeder did not confirm an abort within {} s, so the source may stay suspended: resume it with `r3map migrate abort {}`",
+                ABORT_TIMEOUT.as_secs(),
+                args.seeder
+            ),
+        }
+    };
+    result.map_err(|err| {
+        let hint = if matches!(err, MigrationError::Timeout { .. }) || err.is_connection_loss() {
+            format!(
+                "; the source may stay suspended: if this copy is not going to take over, resume it with `r3map migrate abort {}`",
+                args.seeder
+            )
+        } else {
+            String::new()
+        };
+        anyhow::anyhow!("finalize failed, this copy did not take over: {err}{hint}")
+    })
+}
+
+/// Completion, watching signals: this copy is authoritative, so stopping leaves it without the
+/// chunks still at the source. The first signal says so, the second stops anyway.
+async fn complete(
+    leecher: &Leecher,
+    verify: bool,
+    signals: &mut crate::ShutdownSignals,
+) -> Result<CompleteReport> {
+    let complete = leecher.complete(verify);
+    tokio::pin!(complete);
+    let mut warned = false;
+    let result = loop {
+        tokio::select! {
+            result = &mut complete => break result,
+            _ = signals.recv() => {}
+        }
+        let missing = leecher.missing_chunks();
+        let total = leecher.status().total_chunks;
+        if !warned {
+            warned = true;
+            eprintln!(
+                "completing: this copy is authoritative but {} of {total} chunks are still only at the source; stopping now leaves it without them. Signal again to stop anyway",
+                missing.len()
+            );
+            continue;
+        }
+        bail!(
+            "stopped before completion: {} of {total} chunks never arrived (first missing: {:?}); this copy is authoritative but incomplete, and the source (handed off) holds them until it stops",
+            missing.len(),
+            &missing[..missing.len().min(8)]
+        );
+    };
+    result.map_err(|err| match err {
+        MigrationError::Incomplete { missing, total } => anyhow::anyhow!(
+            "the seeder went away before {} of {total} chunks arrived (first missing: {:?}); reads of them fail here, nothing is made up",
+            missing.len(),
+            &missing[..missing.len().min(8)]
+        ),
+        other => other.into(),
+    })
 }

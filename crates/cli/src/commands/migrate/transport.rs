@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context, Result};
 use r3map_grpc::{ClientOptions, GrpcSeederLink, GrpcServer, Token};
-use r3map_migration::{Seeder, SeederLink};
+use r3map_migration::{MigrationError, Seeder, SeederLink};
 use r3map_tls::{ClientTls, ServerTls};
 use tokio::net::TcpListener;
 
@@ -179,4 +179,13 @@ pub async fn abort(uri: &str, args: &LinkArgs) -> Result<String> {
         .abort()
         .await
         .context("the seeder refused to abort")
+}
+
+/// [`abort`] from a leecher giving up, which must tell a refusal because the commit won
+/// ([`MigrationError::HandedOff`]) from any other failure.
+pub async fn abort_migration(uri: &str, args: &LinkArgs) -> Result<String, MigrationError> {
+    let link = open(uri, args)
+        .await
+        .map_err(|err| MigrationError::InvalidConfig(format!("{err:#}")))?;
+    link.abort().await
 }
