@@ -22,6 +22,18 @@ use clap::{Parser, Subcommand};
 ///                                       a directory with one file per chunk (N chunk files
 ///                                       kept open at most)
 ///   nbd://HOST:PORT/EXPORT               an NBD server (nbds:// for TLS, nbd+unix:///EXPORT?socket=PATH)
+///   grpc://HOST:PORT/EXPORT              an r3map (or Go r3map) gRPC server (grpcs:// for TLS)
+///   redis://[USER@]HOST:PORT/PREFIX?size=SIZE[&chunk=SIZE][&db=N][&layout=go|folder]
+///                                       one key per chunk in Redis (rediss:// for TLS); password
+///                                       from R3MAP_REDIS_PASSWORD or --redis-password-file
+///   redis+cluster://H1:P1,H2:P2/PREFIX?size=SIZE[&chunk=SIZE]
+///                                       the same in a Redis Cluster (rediss+cluster:// for TLS)
+///   s3://BUCKET/PREFIX?endpoint=URL&size=SIZE[&chunk=SIZE][&region=R][&addressing=virtual]
+///                                       one object per chunk in an S3-compatible bucket (https://
+///                                       endpoints for TLS); keys from AWS_ACCESS_KEY_ID and
+///                                       AWS_SECRET_ACCESS_KEY, ~/.aws/credentials or --s3-credentials
+///   Store chunks default to 1MiB; layout=go (the default) names them PREFIX-OFFSET like the Go
+///   r3map, layout=folder PREFIX/OFFSET.
 #[derive(Debug, Parser)]
 #[command(name = "r3map", version, about, long_about, verbatim_doc_comment)]
 struct Cli {

@@ -6,6 +6,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use r3map_core::stages::ReconnectOptions;
 use r3map_core::SharedBackend;
+use r3map_mount::spec::StoreCredentials;
 use r3map_mount::{parse_duration, BackendSpec, RemoteOptions};
 use r3map_nbd::ClientTls;
 
@@ -28,6 +29,43 @@ pub struct RemoteArgs {
     /// past it the request fails (EIO to the application) and the connection is made anew
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     remote_timeout: Duration,
+    #[command(flatten)]
+    stores: StoreArgs,
+}
+
+/// Where the secrets of redis:// and s3:// backends come from: files and the environment, never
+/// the command line (every user of the machine can read it).
+#[derive(Debug, clap::Args)]
+pub struct StoreArgs {
+    /// AWS-format credentials file for s3:// backends [default: AWS_ACCESS_KEY_ID and
+    /// AWS_SECRET_ACCESS_KEY, else AWS_SHARED_CREDENTIALS_FILE or ~/.aws/credentials]
+    #[arg(long, value_name = "FILE")]
+    s3_credentials: Option<PathBuf>,
+    /// Profile to use in the S3 credentials file [default: AWS_PROFILE, else default]
+    #[arg(long, value_name = "NAME")]
+    s3_profile: Option<String>,
+    /// File holding the password of redis:// backends (first line) [default: the environment
+    /// variable R3MAP_REDIS_PASSWORD]
+    #[arg(long, value_name = "FILE")]
+    redis_password_file: Option<PathBuf>,
+}
+
+impl StoreArgs {
+    pub fn credentials(&self) -> Result<StoreCredentials> {
+        let redis_password = match &self.redis_password_file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("cannot read the Redis password from {}", path.display()))?;
+                Some(text.lines().next().unwrap_or_default().to_string())
+            }
+            None => std::env::var("R3MAP_REDIS_PASSWORD").ok().filter(|p| !p.is_empty()),
+        };
+        Ok(StoreCredentials {
+            redis_password,
+            s3_credentials_file: self.s3_credentials.clone(),
+            s3_profile: self.s3_profile.clone(),
+        })
+    }
 }
 
 impl RemoteArgs {
@@ -58,6 +96,7 @@ impl RemoteArgs {
             tls,
             token,
             reconnect,
+            stores: self.stores.credentials()?,
         })
     }
 }

@@ -9,6 +9,11 @@
 //! - `grpc://HOST[:PORT]/EXPORT[?size=SIZE][&compress=false]` (and `grpcs://` for TLS) — an r3map
 //!   gRPC server, or a Go r3map one (which cannot report its size: give `size`); reconnected the
 //!   same way
+//! - `redis://[USER@]HOST[:PORT]/PREFIX?size=SIZE[&chunk=SIZE][&db=N][&layout=go|folder]`
+//!   (`rediss://` for TLS), `redis+cluster://H1:P1,H2:P2/PREFIX?…` (`rediss+cluster://`) —
+//!   one key per chunk in Redis or a Redis Cluster; see [`stores`]
+//! - `s3://BUCKET/PREFIX?size=SIZE[&endpoint=URL][&region=R][&chunk=SIZE][&addressing=path|virtual][&layout=go|folder]`
+//!   — one object per chunk in an S3-compatible bucket (`https://` endpoints use TLS)
 
 use std::path::PathBuf;
 use std::str::FromStr;
@@ -20,6 +25,10 @@ use r3map_core::{Backend, Error, MemoryBackend, Result, SharedBackend};
 use r3map_nbd::{Client, ClientOptions, ClientTls};
 
 use crate::size::{format_bytes, parse_size};
+
+mod stores;
+
+pub use stores::{RedisSpec, S3Spec, StoreCredentials, DEFAULT_REDIS_PORT, DEFAULT_STORE_CHUNK};
 
 /// Chunk size of a directory backend when the specification names none.
 pub const DEFAULT_DIRECTORY_CHUNK: u64 = 1 << 20;
@@ -55,6 +64,10 @@ pub enum BackendSpec {
         /// Ask for and send lz4-compressed chunks.
         compress: bool,
     },
+    /// Redis or a Redis Cluster, one key per chunk.
+    Redis(RedisSpec),
+    /// An S3 bucket, one object per chunk.
+    S3(S3Spec),
 }
 
 /// The port of `grpc://` and `grpcs://` URIs that name none (`r3map serve --grpc` listens where
@@ -70,6 +83,8 @@ pub struct RemoteOptions {
     pub token: Option<r3map_grpc::Token>,
     /// Reconnection and the time one request may wait for the remote.
     pub reconnect: ReconnectOptions,
+    /// Redis password and S3 credentials.
+    pub stores: StoreCredentials,
 }
 
 impl FromStr for BackendSpec {
@@ -87,6 +102,12 @@ impl FromStr for BackendSpec {
             });
         }
         if let Some(spec) = parse_grpc(text)? {
+            return Ok(spec);
+        }
+        if let Some(spec) = stores::parse_redis(text)? {
+            return Ok(spec);
+        }
+        if let Some(spec) = stores::parse_s3(text)? {
             return Ok(spec);
         }
         let (kind, rest) = text.split_once(':').ok_or_else(|| {
@@ -119,7 +140,7 @@ impl FromStr for BackendSpec {
             },
             other => {
                 return Err(format!(
-                    "unknown backend kind {other:?}; known kinds: memory, file, dir, nbd://, grpc://"
+                    "unknown backend kind {other:?}; known kinds: memory, file, dir, nbd://, grpc://, redis://, redis+cluster://, s3://"
                 ))
             }
         };
@@ -243,6 +264,8 @@ impl BackendSpec {
                 }
                 Arc::new(remote)
             }
+            BackendSpec::Redis(spec) => spec.open(size_hint, remote).await?,
+            BackendSpec::S3(spec) => spec.open(size_hint, remote).await?,
         };
         Ok(backend)
     }

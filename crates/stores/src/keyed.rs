@@ -183,15 +183,39 @@ pub fn open_backend<S: ChunkStore>(
     Arbitrary::new(KeyedBackend::new(store, size, chunk_size, options)?, chunk_size)
 }
 
-/// The key of the chunk at byte `offset`: the decimal offset, after `prefix` and a dash when
-/// there is a prefix. This is the Go r3map's layout (its Redis backend uses the bare offset, its
-/// S3 backend `PREFIX-OFFSET`), so either implementation reads what the other wrote, given the
-/// same chunk size.
-pub fn chunk_key(prefix: &str, offset: u64) -> String {
-    if prefix.is_empty() {
-        offset.to_string()
-    } else {
-        format!("{prefix}-{offset}")
+/// How chunk keys (Redis) and object names (S3) are formed from a prefix and a byte offset.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum KeyLayout {
+    /// The Go r3map's: `PREFIX-OFFSET` (decimal byte offset). Without a prefix its Redis backend
+    /// uses the bare offset and its S3 backend `-OFFSET`; [`KeyLayout::key`] follows each, so
+    /// either implementation reads what the other wrote, given the same chunk size.
+    #[default]
+    Go,
+    /// `PREFIX/OFFSET`: a resource is one folder of an S3 bucket (listed, copied or deleted by
+    /// prefix with any S3 tool) and matches `SCAN MATCH PREFIX/*` in Redis.
+    Folder,
+}
+
+impl KeyLayout {
+    /// The layout named `go` or `folder`.
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "go" => Some(Self::Go),
+            "folder" => Some(Self::Folder),
+            _ => None,
+        }
+    }
+
+    /// The key of the chunk at byte `offset` under `prefix`. `bare_without_prefix`: whether an
+    /// empty prefix leaves the bare offset (the Go r3map's Redis layout) rather than `-OFFSET`
+    /// (its S3 layout).
+    pub fn key(self, prefix: &str, offset: u64, bare_without_prefix: bool) -> String {
+        match self {
+            _ if prefix.is_empty() && bare_without_prefix => offset.to_string(),
+            Self::Go => format!("{prefix}-{offset}"),
+            Self::Folder if prefix.is_empty() => offset.to_string(),
+            Self::Folder => format!("{prefix}/{offset}"),
+        }
     }
 }
 
@@ -200,9 +224,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn keys_follow_the_go_layout() {
-        assert_eq!(chunk_key("", 0), "0");
-        assert_eq!(chunk_key("", 1 << 20), "1048576");
-        assert_eq!(chunk_key("vm1", 4096), "vm1-4096");
+    fn keys_follow_the_layout() {
+        // The Go r3map's Redis backend: bare offsets without a prefix; its S3 backend: `-OFFSET`.
+        assert_eq!(KeyLayout::Go.key("", 0, true), "0");
+        assert_eq!(KeyLayout::Go.key("", 1 << 20, true), "1048576");
+        assert_eq!(KeyLayout::Go.key("", 4096, false), "-4096");
+        assert_eq!(KeyLayout::Go.key("vm1", 4096, true), "vm1-4096");
+        assert_eq!(KeyLayout::Go.key("vm1", 4096, false), "vm1-4096");
+        assert_eq!(KeyLayout::Folder.key("vms/vm1", 4096, false), "vms/vm1/4096");
+        assert_eq!(KeyLayout::Folder.key("", 4096, false), "4096");
+        assert_eq!(KeyLayout::parse("go"), Some(KeyLayout::Go));
+        assert_eq!(KeyLayout::parse("folder"), Some(KeyLayout::Folder));
+        assert_eq!(KeyLayout::parse("Go"), None);
     }
 }

@@ -8,9 +8,10 @@
 //! - [`redis`](mod@redis): [`RedisStore`] on a standalone server or a Redis Cluster.
 //! - [`s3`]: [`S3Store`] in a bucket of any S3-compatible service, with [`s3::credentials`].
 //!
-//! Keys follow the Go r3map (`PREFIX-OFFSET`, the bare offset for Redis without a prefix), so
-//! either implementation reads what the other wrote with the same chunk size. A chunk that was
-//! never written reads as zeros.
+//! Keys follow the Go r3map by default (`PREFIX-OFFSET`, the bare offset for Redis without a
+//! prefix), so either implementation reads what the other wrote with the same chunk size;
+//! [`KeyLayout::Folder`] (`PREFIX/OFFSET`) is the alternative. A chunk that was never written
+//! reads as zeros.
 
 #![forbid(unsafe_code)]
 
@@ -18,7 +19,7 @@ pub mod keyed;
 pub mod redis;
 pub mod s3;
 
-pub use keyed::{chunk_key, open_backend, ChunkStore, KeyedBackend, KeyedOptions};
+pub use keyed::{open_backend, ChunkStore, KeyLayout, KeyedBackend, KeyedOptions};
 pub use redis::{RedisOptions, RedisStore};
 pub use rusty_s3::Credentials;
 pub use s3::{S3Options, S3Store};

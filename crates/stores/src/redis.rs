@@ -1,7 +1,7 @@
 //! [`RedisStore`]: chunks as Redis string values, on one server or a Redis Cluster.
 //!
-//! One key per chunk, named [`chunk_key`] (`PREFIX-OFFSET`, or the bare byte offset without a
-//! prefix: the Go r3map's layout). The connections are multiplexed: every command is written as
+//! One key per chunk, named by the [`KeyLayout`] (by default the Go r3map's: `PREFIX-OFFSET`, or
+//! the bare byte offset without a prefix). The connections are multiplexed: every command is written as
 //! soon as it is issued, without waiting for earlier answers, so the many chunk commands of one
 //! large request share round trips (pipelining). Standalone servers get a small pool of such
 //! connections, each of which reconnects by itself after a failure; a cluster connection routes
@@ -22,7 +22,7 @@ use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, FromRedisValue, IntoConnectionInfo, RedisError};
 
-use crate::keyed::{chunk_key, ChunkStore};
+use crate::keyed::{ChunkStore, KeyLayout};
 
 /// Where and how to reach Redis.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,8 +33,10 @@ pub struct RedisOptions {
     pub cluster: bool,
     /// TLS (`rediss://`), verified against the system's trusted roots.
     pub tls: bool,
-    /// Prepended to every key (with a dash); empty for the Go layout's bare offsets.
+    /// Prepended to every key; empty for the Go layout's bare offsets.
     pub prefix: String,
+    /// How keys are formed from the prefix and the chunk's offset.
+    pub layout: KeyLayout,
     /// Database number (standalone servers only; a cluster has only database 0).
     pub db: i64,
     /// ACL user name, if not `default`.
@@ -55,6 +57,7 @@ impl RedisOptions {
             cluster: false,
             tls: false,
             prefix: prefix.into(),
+            layout: KeyLayout::Go,
             db: 0,
             username: None,
             password: None,
@@ -101,6 +104,7 @@ enum Connections {
 pub struct RedisStore {
     connections: Connections,
     prefix: String,
+    layout: KeyLayout,
     endpoint: String,
 }
 
@@ -189,6 +193,7 @@ impl RedisStore {
         let store = Self {
             connections,
             prefix: options.prefix.clone(),
+            layout: options.layout,
             endpoint,
         };
         // Connecting may succeed without a password; the first command tells.
@@ -208,7 +213,7 @@ impl RedisStore {
     }
 
     fn key(&self, offset: u64) -> String {
-        chunk_key(&self.prefix, offset)
+        self.layout.key(&self.prefix, offset, true)
     }
 }
 
@@ -273,7 +278,10 @@ fn redis_error(endpoint: &str, what: &str, err: RedisError) -> Error {
             format!("{what} {endpoint}: {err}"),
         ));
     }
-    if err.is_io_error() || err.is_connection_dropped() || err.is_connection_refusal() {
+    // A cluster between a master's failure and its replica's promotion, or a restarted server
+    // still loading its append-only file: passing states, retried like a lost connection.
+    let passing = matches!(code, "CLUSTERDOWN" | "TRYAGAIN" | "MASTERDOWN" | "LOADING");
+    if passing || err.is_io_error() || err.is_connection_dropped() || err.is_connection_refusal() {
         let kind = if err.is_connection_refusal() {
             std::io::ErrorKind::ConnectionRefused
         } else {

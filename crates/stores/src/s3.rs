@@ -1,7 +1,7 @@
 //! [`S3Store`]: chunks as objects in a bucket of any S3-compatible service.
 //!
-//! One object per chunk, `PREFIX-OFFSET` (the Go r3map's layout); a missing object reads as
-//! zeros. Requests are presigned by `rusty-s3` (SigV4 in the query string) and sent by a pooled
+//! One object per chunk, named by the [`KeyLayout`] (by default the Go r3map's: `PREFIX-OFFSET`);
+//! a missing object reads as zeros. Requests are presigned by `rusty-s3` (SigV4 in the query string) and sent by a pooled
 //! `reqwest` client, many at once ([`crate::KeyedBackend`] keeps several chunk requests of one
 //! backend request in flight). Path-style (`http://host/bucket/key`) and virtual-hosted
 //! (`http://bucket.host/key`) addressing are both supported; path-style is the default because
@@ -21,7 +21,7 @@ use reqwest::StatusCode;
 use rusty_s3::{Bucket, Credentials, S3Action, UrlStyle};
 use url::Url;
 
-use crate::keyed::ChunkStore;
+use crate::keyed::{ChunkStore, KeyLayout};
 
 /// Most bytes of an error answer read to find its `<Code>`.
 const MAX_ERROR_BODY: usize = 4096;
@@ -33,8 +33,10 @@ pub struct S3Options {
     pub endpoint: Url,
     /// Bucket name.
     pub bucket: String,
-    /// Object names start with this and a dash (`PREFIX-OFFSET`).
+    /// Object names start with this.
     pub prefix: String,
+    /// How object names are formed from the prefix and the chunk's offset.
+    pub layout: KeyLayout,
     /// Region for request signing (most S3-compatible servers accept any).
     pub region: String,
     /// Virtual-hosted (`bucket.host`) instead of path-style addressing.
@@ -60,6 +62,7 @@ impl S3Options {
             endpoint,
             bucket: bucket.into(),
             prefix: prefix.into(),
+            layout: KeyLayout::Go,
             region: "us-east-1".into(),
             virtual_hosted: false,
             credentials,
@@ -76,6 +79,7 @@ pub struct S3Store {
     credentials: Credentials,
     client: reqwest::Client,
     prefix: String,
+    layout: KeyLayout,
     /// How long a presigned URL stays valid: the deadline, at least a minute (clock skew).
     validity: Duration,
     endpoint: String,
@@ -118,6 +122,7 @@ impl S3Store {
             credentials: options.credentials.clone(),
             client,
             prefix: options.prefix.clone(),
+            layout: options.layout,
             validity: options.deadline.max(Duration::from_secs(60)),
             endpoint,
         };
@@ -142,8 +147,8 @@ impl S3Store {
     }
 
     fn key(&self, offset: u64) -> String {
-        // The Go r3map's S3 layout: always PREFIX-OFFSET, even with an empty prefix.
-        format!("{}-{offset}", self.prefix)
+        // The Go r3map's S3 layout is PREFIX-OFFSET even with an empty prefix.
+        self.layout.key(&self.prefix, offset, false)
     }
 
     async fn send(&self, request: reqwest::RequestBuilder, what: &str) -> Result<reqwest::Response> {

@@ -226,6 +226,70 @@ impl RedisCluster {
         &mut self.nodes
     }
 
+    /// The node listening on `port`.
+    pub fn node_by_port(&mut self, port: u16) -> &mut RedisServer {
+        self.nodes
+            .iter_mut()
+            .find(|node| node.port == port)
+            .expect("a node of this cluster")
+    }
+
+    /// Ports of the masters that serve slots, as the first node that answers sees them
+    /// (`CLUSTER NODES`: failed masters and replicas left out), in ascending order.
+    pub fn master_ports(&self) -> Vec<u16> {
+        for node in &self.nodes {
+            let Some(nodes) = redis_cli(node.port, &["cluster", "nodes"]) else {
+                continue;
+            };
+            let mut ports: Vec<u16> = nodes
+                .lines()
+                .filter_map(|line| {
+                    // ID ADDR:PORT@BUS FLAGS MASTER PING PONG EPOCH STATE SLOTS...
+                    let fields: Vec<&str> = line.split_whitespace().collect();
+                    let flags = fields.get(2)?;
+                    let serves = flags.split(',').any(|f| f == "master")
+                        && !flags.contains("fail")
+                        && fields.len() > 8;
+                    let port = fields.get(1)?.split('@').next()?.rsplit(':').next()?;
+                    serves.then(|| port.parse().ok()).flatten()
+                })
+                .collect();
+            ports.sort_unstable();
+            return ports;
+        }
+        Vec::new()
+    }
+
+    /// Waits (bounded) until every master's replicas are online and have applied everything the
+    /// master had written when this was called (`INFO replication` offsets).
+    pub fn wait_replicated(&self) {
+        let start = Instant::now();
+        for port in self.master_ports() {
+            let target = replication_field(port, "master_repl_offset").unwrap_or(0);
+            loop {
+                let info = redis_cli(port, &["info", "replication"]).unwrap_or_default();
+                let replicas: Vec<&str> = info.lines().filter(|l| l.starts_with("slave")).collect();
+                let caught_up = !replicas.is_empty()
+                    && replicas.iter().all(|line| {
+                        line.contains("state=online")
+                            && line
+                                .split(',')
+                                .find_map(|f| f.strip_prefix("offset="))
+                                .and_then(|o| o.parse::<u64>().ok())
+                                .is_some_and(|offset| offset >= target)
+                    });
+                if caught_up {
+                    break;
+                }
+                assert!(
+                    start.elapsed() < STARTUP,
+                    "replicas of {port} did not catch up: {info}"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+
     /// Number of keys each node holds (`DBSIZE`), in node order.
     pub fn key_counts(&self) -> Vec<u64> {
         self.nodes
@@ -257,12 +321,27 @@ impl RedisCluster {
 }
 
 fn cluster_info(port: u16) -> String {
-    Command::new("redis-cli")
-        .args(["-p", &port.to_string(), "cluster", "info"])
+    redis_cli(port, &["cluster", "info"]).unwrap_or_default()
+}
+
+/// A numeric field of `INFO replication`.
+fn replication_field(port: u16, name: &str) -> Option<u64> {
+    let info = redis_cli(port, &["info", "replication"])?;
+    info.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))
+        .and_then(|value| value.trim().parse().ok())
+}
+
+/// The output of `redis-cli -p PORT ARGS...`, if the node answered.
+fn redis_cli(port: u16, args: &[&str]) -> Option<String> {
+    let output = Command::new("redis-cli")
+        .args(["-p", &port.to_string()])
+        .args(args)
         .stdin(Stdio::null())
         .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-        .unwrap_or_default()
+        .ok()?;
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    (output.status.success() && !text.contains("Could not connect")).then_some(text)
 }
 
 /// The access key and secret the SeaweedFS S3 gateway accepts.

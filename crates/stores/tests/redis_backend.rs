@@ -10,7 +10,7 @@ use proptest::test_runner::{Config, TestRunner};
 use r3map_core::testing::{self, block_on, pattern, skip};
 use r3map_core::{Backend, Error};
 use r3map_stores::testing::{redis_command, RedisServer};
-use r3map_stores::{open_backend, KeyedOptions, RedisOptions, RedisStore};
+use r3map_stores::{open_backend, KeyLayout, KeyedOptions, RedisOptions, RedisStore};
 
 fn options(server: &RedisServer, prefix: &str) -> RedisOptions {
     RedisOptions::standalone(server.address(), prefix)
@@ -133,6 +133,14 @@ fn keys_are_go_r3map_offsets_and_missing_keys_read_as_zeros() {
         let mut buf = vec![0xFF; 4096];
         prefixed.read_at(0, &mut buf).await.unwrap();
         assert!(buf.iter().all(|&b| b == 0));
+
+        // The folder layout: PREFIX/OFFSET.
+        let mut folder = options(&server, "vms/vm2");
+        folder.layout = KeyLayout::Folder;
+        let foldered = self::backend(&folder, 4 * 4096, 4096, Duration::from_secs(10)).await;
+        foldered.write_at(4096, &pattern(4, 4096)).await.unwrap();
+        assert_eq!(raw_get(&server, "vms/vm2/4096").await, Some(pattern(4, 4096)));
+        assert!(raw_get(&server, "vms/vm2-4096").await.is_none());
     });
 }
 

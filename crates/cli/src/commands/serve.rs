@@ -66,17 +66,31 @@ pub struct Args {
     /// Clients served at once; more are refused (and logged)
     #[arg(long, default_value_t = 128)]
     max_connections: usize,
+    /// Deadline of every request to a remote export (redis://, s3://, nbd://, grpc://), from its
+    /// start: past it the request fails (EIO to the client) and the connection is made anew
+    #[arg(long, default_value = "30s", value_parser = r3map_mount::parse_duration)]
+    remote_timeout: std::time::Duration,
+    #[command(flatten)]
+    stores: crate::remote::StoreArgs,
 }
 
 pub async fn run(args: Args) -> Result<()> {
     let mut signals = crate::ShutdownSignals::catch()?;
     let mut exports = Vec::new();
+    let remote = r3map_mount::RemoteOptions {
+        reconnect: r3map_core::stages::ReconnectOptions {
+            request_timeout: args.remote_timeout,
+            ..Default::default()
+        },
+        stores: args.stores.credentials()?,
+        ..Default::default()
+    };
     for text in &args.exports {
         let (name, spec) = match text.split_once('=') {
             Some((name, spec)) if !name.contains(':') => (name.to_string(), spec),
             _ => (format!("export{}", exports.len()), text.as_str()),
         };
-        let backend = crate::remote::open(spec, None, &Default::default())
+        let backend = crate::remote::open(spec, None, &remote)
             .await
             .with_context(|| format!("cannot open export {name}"))?;
         let mut export = Export::new(name, backend).read_only(args.read_only);
