@@ -58,7 +58,9 @@ impl StoreArgs {
                     .with_context(|| format!("cannot read the Redis password from {}", path.display()))?;
                 Some(text.lines().next().unwrap_or_default().to_string())
             }
-            None => std::env::var("R3MAP_REDIS_PASSWORD").ok().filter(|p| !p.is_empty()),
+            None => std::env::var("R3MAP_REDIS_PASSWORD")
+                .ok()
+                .filter(|p| !p.is_empty()),
         };
         Ok(StoreCredentials {
             redis_password,

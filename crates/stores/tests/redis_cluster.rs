@@ -12,7 +12,9 @@ use r3map_stores::testing::RedisCluster;
 use r3map_stores::{open_backend, KeyedOptions, RedisOptions, RedisStore};
 
 async fn backend(options: &RedisOptions, size: u64, chunk: u64) -> Arc<dyn Backend> {
-    let store = RedisStore::connect(options).await.expect("connect to the cluster");
+    let store = RedisStore::connect(options)
+        .await
+        .expect("connect to the cluster");
     let keyed = KeyedOptions {
         deadline: Duration::from_secs(10),
         ..KeyedOptions::default()

@@ -134,7 +134,9 @@ pub(super) fn parse_s3(text: &str) -> std::result::Result<Option<BackendSpec>, S
     let (rest, query) = rest.split_once('?').unwrap_or((rest, ""));
     let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
     if bucket.is_empty() {
-        return Err(format!("{text:?} names no bucket; write s3://BUCKET/PREFIX?endpoint=URL&size=SIZE"));
+        return Err(format!(
+            "{text:?} names no bucket; write s3://BUCKET/PREFIX?endpoint=URL&size=SIZE"
+        ));
     }
     let mut params = Params::parse(query)?;
     let region = params.take("region").unwrap_or_else(|| "us-east-1".into());
@@ -142,7 +144,9 @@ pub(super) fn parse_s3(text: &str) -> std::result::Result<Option<BackendSpec>, S
         .take("endpoint")
         .unwrap_or_else(|| format!("https://s3.{region}.amazonaws.com"));
     if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
-        return Err(format!("endpoint={endpoint:?} must be an http:// or https:// URL"));
+        return Err(format!(
+            "endpoint={endpoint:?} must be an http:// or https:// URL"
+        ));
     }
     let virtual_hosted = match params.take("addressing").as_deref() {
         None | Some("path") => false,
@@ -174,8 +178,9 @@ fn chunk(params: &mut Params) -> std::result::Result<u64, String> {
 fn layout(params: &mut Params) -> std::result::Result<KeyLayout, String> {
     match params.take("layout") {
         None => Ok(KeyLayout::Go),
-        Some(name) => KeyLayout::parse(&name)
-            .ok_or_else(|| format!("layout={name:?} must be go (PREFIX-OFFSET, the Go r3map's) or folder (PREFIX/OFFSET)")),
+        Some(name) => KeyLayout::parse(&name).ok_or_else(|| {
+            format!("layout={name:?} must be go (PREFIX-OFFSET, the Go r3map's) or folder (PREFIX/OFFSET)")
+        }),
     }
 }
 
@@ -287,7 +292,11 @@ fn keyed(deadline: std::time::Duration) -> KeyedOptions {
     }
 }
 
-async fn reconnecting(address: String, connector: Connector, remote: &RemoteOptions) -> Result<SharedBackend> {
+async fn reconnecting(
+    address: String,
+    connector: Connector,
+    remote: &RemoteOptions,
+) -> Result<SharedBackend> {
     let backend = Reconnecting::connect_to(address, connector, remote.reconnect.clone()).await?;
     Ok(Arc::new(backend))
 }
@@ -366,7 +375,10 @@ mod tests {
         let err = |s: &str| s.parse::<BackendSpec>().unwrap_err();
         let message = err("redis://user:hunter2@h:1/x");
         assert!(message.contains("never put a password"), "{message}");
-        assert!(!message.contains("hunter2"), "the password is not repeated: {message}");
+        assert!(
+            !message.contains("hunter2"),
+            "the password is not repeated: {message}"
+        );
         assert!(err("redis://h1:1,h2:2/x").contains("redis+cluster://"));
         assert!(err("redis+cluster://h:1/x?db=2").contains("only database 0"));
         assert!(err("redis:///x").contains("names no host"));
@@ -388,6 +400,9 @@ mod tests {
         // Both fail before any connection is tried.
         assert!(err("redis://127.0.0.1:1/x", None).await.contains("needs a size"));
         let message = err("redis://127.0.0.1:1/x?size=1MiB", Some(4096)).await;
-        assert!(message.contains("1.00 MiB") && message.contains("4.00 KiB"), "{message}");
+        assert!(
+            message.contains("1.00 MiB") && message.contains("4.00 KiB"),
+            "{message}"
+        );
     }
 }
