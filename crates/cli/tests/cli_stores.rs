@@ -9,21 +9,13 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::stores::{cluster_spec, redis_content, redis_spec, s3_content, s3_credentials_file, s3_spec};
-use common::{mirror_checksum, Proc};
+use common::{free_port, mirror_checksum, Proc};
 use r3map_core::testing::{pattern, skip};
 use r3map_stores::testing::{RedisCluster, RedisServer, SeaweedFs};
 use r3map_stores::RedisOptions;
 
 const LONG: Duration = Duration::from_secs(120);
 const SIZE: u64 = 4 << 20;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// Runs `r3map ARGS` with extra environment variables; returns (success, stdout, stderr).
 fn r3map_with_env(args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {

@@ -67,7 +67,7 @@ pub async fn run(args: Args) -> Result<()> {
     };
     let size = remote.size();
     let cache = match &args.cache {
-        Some(spec) => crate::remote::open(spec, Some(size), &Default::default()).await?,
+        Some(spec) => crate::remote::open(spec, Some(size), &args.remote_options.options()?).await?,
         None => Arc::new(MemoryBackend::new(size)),
     };
     if cache.size() != size {

@@ -144,6 +144,15 @@ fn forward_lines(stream: impl std::io::Read + Send + 'static, tx: mpsc::Sender<S
     });
 }
 
+/// A loopback TCP port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// Runs `r3map` to completion; returns (success, stdout, stderr).
 pub fn run(args: &[&str]) -> (bool, String, String) {
     let output = Command::new(env!("CARGO_BIN_EXE_r3map"))
