@@ -22,8 +22,8 @@ pub struct ReceivedRequest {
     pub command: u16,
     pub handle: u64,
     pub offset: u64,
-    pub length: u32,
-    /// A write's data.
+    pub length: u64,
+    /// A write's data (with extended headers: any request's `NBD_CMD_FLAG_PAYLOAD_LEN` data).
     pub payload: Vec<u8>,
 }
 
@@ -37,6 +37,8 @@ pub struct Advertised {
     pub block_size: Option<(u32, u32, u32)>,
     /// Acknowledge structured replies (and offer `base:allocation` as context 1).
     pub structured: bool,
+    /// Acknowledge extended headers (then requests and replies use 32-byte headers).
+    pub extended: bool,
 }
 
 impl Default for Advertised {
@@ -47,6 +49,7 @@ impl Default for Advertised {
             flags: HAS_FLAGS | SEND_FLUSH | SEND_WRITE_ZEROES | SEND_TRIM,
             block_size: None,
             structured: true,
+            extended: false,
         }
     }
 }
@@ -55,6 +58,8 @@ impl Default for Advertised {
 pub struct HostileServer {
     io: DuplexStream,
     buf: BytesMut,
+    /// Whether [`handshake`](Self::handshake) agreed on extended headers.
+    extended: bool,
 }
 
 impl HostileServer {
@@ -66,8 +71,16 @@ impl HostileServer {
             Self {
                 io: server,
                 buf: BytesMut::new(),
+                extended: false,
             },
         )
+    }
+
+    /// The same server, reading extended request headers from now on (for tests that script
+    /// the handshake themselves and acknowledge `NBD_OPT_EXTENDED_HEADERS`).
+    pub fn into_extended(mut self) -> Self {
+        self.extended = true;
+        self
     }
 
     /// Sends exactly `bytes`.
@@ -125,17 +138,21 @@ impl HostileServer {
         self.send(&out).await;
     }
 
-    /// Answers a normal client handshake (structured replies, `base:allocation`, `GO`) with
-    /// what `advertised` says.
+    /// Answers a normal client handshake (extended headers or structured replies,
+    /// `base:allocation`, `GO`) with what `advertised` says.
     pub async fn handshake(&mut self, advertised: &Advertised) {
         self.greet().await;
         loop {
             let (option, _) = self.recv_option().await.expect("an option");
             match option {
+                opt::EXTENDED_HEADERS if advertised.extended => {
+                    self.extended = true;
+                    self.reply_option(option, rep::ACK, &[]).await
+                }
                 opt::STRUCTURED_REPLY if advertised.structured => {
                     self.reply_option(option, rep::ACK, &[]).await
                 }
-                opt::SET_META_CONTEXT if advertised.structured => {
+                opt::SET_META_CONTEXT if advertised.structured || advertised.extended => {
                     let data = codec::meta_context_data(1, wire::BASE_ALLOCATION);
                     self.reply_option(option, rep::META_CONTEXT, &data).await;
                     self.reply_option(option, rep::ACK, &[]).await;
@@ -155,16 +172,26 @@ impl HostileServer {
         }
     }
 
-    /// Receives one request (and a write's data); `None` once the client closed.
+    /// Receives one request (and its payload), compact or extended as the handshake agreed;
+    /// `None` once the client closed.
     pub async fn recv_request(&mut self) -> Option<ReceivedRequest> {
-        let mut head = &self.recv(wire::REQUEST_HEADER_LEN).await?[..];
-        assert_eq!(head.get_u32(), wire::REQUEST_MAGIC, "request magic");
+        let (header_len, magic) = if self.extended {
+            (wire::EXTENDED_HEADER_LEN, wire::EXTENDED_REQUEST_MAGIC)
+        } else {
+            (wire::REQUEST_HEADER_LEN, wire::REQUEST_MAGIC)
+        };
+        let mut head = &self.recv(header_len).await?[..];
+        assert_eq!(head.get_u32(), magic, "request magic");
         let flags = head.get_u16();
         let command = head.get_u16();
         let handle = head.get_u64();
         let offset = head.get_u64();
-        let length = head.get_u32();
-        let payload = if command == wire::cmd::WRITE {
+        let (length, has_payload) = if self.extended {
+            (head.get_u64(), flags & wire::cmd_flags::PAYLOAD_LEN != 0)
+        } else {
+            (u64::from(head.get_u32()), command == wire::cmd::WRITE)
+        };
+        let payload = if has_payload {
             self.recv(length as usize).await?
         } else {
             Vec::new()
@@ -212,6 +239,47 @@ pub fn hole_chunk(done: bool, handle: u64, offset: u64, len: u32) -> Vec<u8> {
 /// A final `NONE` chunk.
 pub fn done_chunk(handle: u64) -> Vec<u8> {
     chunk(wire::reply_flags::DONE, wire::reply_type::NONE, handle, &[])
+}
+
+/// An extended chunk with any header fields (`offset` is the request's) and payload.
+pub fn extended_chunk(flags: u16, kind: u16, handle: u64, offset: u64, payload: &[u8]) -> Vec<u8> {
+    let mut out = BytesMut::new();
+    codec::encode_extended_chunk_header(&mut out, flags, kind, handle, offset, payload.len() as u64);
+    out.put_slice(payload);
+    out.to_vec()
+}
+
+/// An extended `OFFSET_DATA` chunk answering a request at `request_offset`, carrying `data`
+/// from `offset`.
+pub fn extended_data_chunk(
+    done: bool,
+    handle: u64,
+    request_offset: u64,
+    offset: u64,
+    data: &[u8],
+) -> Vec<u8> {
+    let mut payload = offset.to_be_bytes().to_vec();
+    payload.extend_from_slice(data);
+    extended_chunk(
+        done_flag(done),
+        wire::reply_type::OFFSET_DATA,
+        handle,
+        request_offset,
+        &payload,
+    )
+}
+
+/// The payload of an extended block status chunk: context id, descriptor count and
+/// `(length, status)` descriptors of 64 bits each.
+pub fn extended_status_payload(context: u32, descriptors: &[(u64, u64)]) -> Vec<u8> {
+    let mut out = BytesMut::new();
+    out.put_u32(context);
+    out.put_u32(descriptors.len() as u32);
+    for &(length, status) in descriptors {
+        out.put_u64(length);
+        out.put_u64(status);
+    }
+    out.to_vec()
 }
 
 fn done_flag(done: bool) -> u16 {
@@ -276,17 +344,23 @@ pub async fn feed_client(
     fed
 }
 
-/// The bytes of a valid server session: a handshake advertising `size` bytes with structured
-/// replies, then a structured reply for each read of `(offset, len)` of `content`, in order,
-/// for handles 1, 2, … (the order in which [`feed_client`] issues them).
-pub fn valid_transcript(content: &[u8], reads: &[(u64, usize)]) -> Vec<u8> {
+/// The bytes of a valid server session: a handshake advertising `size` bytes with extended
+/// headers (`extended`) or, after refusing them, structured replies, then a reply in two
+/// chunks for each read of `(offset, len)` of `content`, in order, for handles 1, 2, … (the
+/// order in which [`feed_client`] issues them).
+pub fn valid_transcript(content: &[u8], reads: &[(u64, usize)], extended: bool) -> Vec<u8> {
     use wire::transmission_flags::*;
     let mut out = BytesMut::new();
     codec::encode_greeting(
         &mut out,
         wire::handshake_flags::FIXED_NEWSTYLE | wire::handshake_flags::NO_ZEROES,
     );
-    codec::encode_option_reply(&mut out, opt::STRUCTURED_REPLY, rep::ACK, &[]);
+    if extended {
+        codec::encode_option_reply(&mut out, opt::EXTENDED_HEADERS, rep::ACK, &[]);
+    } else {
+        codec::encode_option_reply(&mut out, opt::EXTENDED_HEADERS, rep::ERR_UNSUP, &[]);
+        codec::encode_option_reply(&mut out, opt::STRUCTURED_REPLY, rep::ACK, &[]);
+    }
     let meta = codec::meta_context_data(1, wire::BASE_ALLOCATION);
     codec::encode_option_reply(&mut out, opt::SET_META_CONTEXT, rep::META_CONTEXT, &meta);
     codec::encode_option_reply(&mut out, opt::SET_META_CONTEXT, rep::ACK, &[]);
@@ -298,11 +372,19 @@ pub fn valid_transcript(content: &[u8], reads: &[(u64, usize)]) -> Vec<u8> {
         let data = &content[offset as usize..offset as usize + len];
         // Split in two chunks to exercise reassembly: second half first.
         let half = len / 2;
+        let piece = |done: bool, at: usize, data: &[u8]| {
+            let from = offset + at as u64;
+            if extended {
+                extended_data_chunk(done, handle, offset, from, data)
+            } else {
+                data_chunk(done, handle, from, data)
+            }
+        };
         if half > 0 {
-            out.put_slice(&data_chunk(false, handle, offset + half as u64, &data[half..]));
-            out.put_slice(&data_chunk(true, handle, offset, &data[..half]));
+            out.put_slice(&piece(false, half, &data[half..]));
+            out.put_slice(&piece(true, 0, &data[..half]));
         } else {
-            out.put_slice(&data_chunk(true, handle, offset, data));
+            out.put_slice(&piece(true, 0, data));
         }
     }
     out.to_vec()

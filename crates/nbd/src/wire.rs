@@ -1,5 +1,5 @@
-//! NBD wire constants and small value types (fixed newstyle handshake, simple and structured
-//! replies). Numbers follow the protocol document `doc/proto.md` of the NBD project; every
+//! NBD wire constants and small value types (fixed newstyle handshake, simple, structured and
+//! extended headers). Numbers follow the protocol document `doc/proto.md` of the NBD project; every
 //! value on the wire is big-endian.
 
 /// `NBDMAGIC`: first 8 bytes the server sends.
@@ -14,6 +14,10 @@ pub const REQUEST_MAGIC: u32 = 0x2560_9513;
 pub const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
 /// Magic of a structured reply chunk.
 pub const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
+/// Magic of an extended request (after `NBD_OPT_EXTENDED_HEADERS`).
+pub const EXTENDED_REQUEST_MAGIC: u32 = 0x21e4_1c71;
+/// Magic of an extended reply chunk (after `NBD_OPT_EXTENDED_HEADERS`).
+pub const EXTENDED_REPLY_MAGIC: u32 = 0x6e8a_278c;
 
 /// Bytes of the server greeting: NBDMAGIC, IHAVEOPT, handshake flags.
 pub const GREETING_LEN: usize = 18;
@@ -27,6 +31,8 @@ pub const REQUEST_HEADER_LEN: usize = 28;
 pub const SIMPLE_REPLY_HEADER_LEN: usize = 16;
 /// Bytes of a structured reply chunk header.
 pub const STRUCTURED_REPLY_HEADER_LEN: usize = 20;
+/// Bytes of an extended request header and of an extended reply chunk header.
+pub const EXTENDED_HEADER_LEN: usize = 32;
 /// Zero padding after the `NBD_OPT_EXPORT_NAME` reply unless `NO_ZEROES` was negotiated.
 pub const EXPORT_NAME_PADDING: usize = 124;
 /// Longest string (export name, description, message, context name) the protocol allows.
@@ -68,6 +74,9 @@ pub mod transmission_flags {
     pub const SEND_RESIZE: u16 = 1 << 9;
     pub const SEND_CACHE: u16 = 1 << 10;
     pub const SEND_FAST_ZERO: u16 = 1 << 11;
+    /// `NBD_CMD_BLOCK_STATUS` takes a payload of context ids (extended headers only; this
+    /// server does not offer it).
+    pub const BLOCK_STATUS_PAYLOAD: u16 = 1 << 12;
 }
 
 /// Option numbers (client to server during the handshake).
@@ -81,6 +90,7 @@ pub mod opt {
     pub const STRUCTURED_REPLY: u32 = 8;
     pub const LIST_META_CONTEXT: u32 = 9;
     pub const SET_META_CONTEXT: u32 = 10;
+    pub const EXTENDED_HEADERS: u32 = 11;
 }
 
 /// Option reply types.
@@ -100,6 +110,7 @@ pub mod rep {
     pub const ERR_SHUTDOWN: u32 = ERROR_BIT | 7;
     pub const ERR_BLOCK_SIZE_REQD: u32 = ERROR_BIT | 8;
     pub const ERR_TOO_BIG: u32 = ERROR_BIT | 9;
+    pub const ERR_EXT_HEADER_REQD: u32 = ERROR_BIT | 10;
 
     /// A readable name for a reply type (for error messages).
     pub fn name(reply: u32) -> &'static str {
@@ -117,6 +128,7 @@ pub mod rep {
             ERR_SHUTDOWN => "ERR_SHUTDOWN (server shutting down)",
             ERR_BLOCK_SIZE_REQD => "ERR_BLOCK_SIZE_REQD (block size negotiation required)",
             ERR_TOO_BIG => "ERR_TOO_BIG (request too big)",
+            ERR_EXT_HEADER_REQD => "ERR_EXT_HEADER_REQD (extended headers negotiated or required)",
             _ if reply & ERROR_BIT != 0 => "unknown error",
             _ => "unknown reply",
         }
@@ -150,6 +162,8 @@ pub mod cmd_flags {
     pub const DF: u16 = 1 << 2;
     pub const REQ_ONE: u16 = 1 << 3;
     pub const FAST_ZERO: u16 = 1 << 4;
+    /// With extended headers: the length is a payload that follows the header (required for
+    /// `NBD_CMD_WRITE`); without it, the length is an effect length and nothing follows.
     pub const PAYLOAD_LEN: u16 = 1 << 5;
 }
 
@@ -164,7 +178,10 @@ pub mod reply_type {
     pub const NONE: u16 = 0;
     pub const OFFSET_DATA: u16 = 1;
     pub const OFFSET_HOLE: u16 = 2;
+    /// 32-bit descriptors (without extended headers).
     pub const BLOCK_STATUS: u16 = 5;
+    /// 64-bit descriptors with a descriptor count (extended headers only).
+    pub const BLOCK_STATUS_EXT: u16 = 6;
     /// Bit set in every error chunk type.
     pub const ERROR_BIT: u16 = 1 << 15;
     pub const ERROR: u16 = ERROR_BIT | 1;
@@ -258,6 +275,7 @@ pub fn option_name(option: u32) -> &'static str {
         opt::STRUCTURED_REPLY => "STRUCTURED_REPLY",
         opt::LIST_META_CONTEXT => "LIST_META_CONTEXT",
         opt::SET_META_CONTEXT => "SET_META_CONTEXT",
+        opt::EXTENDED_HEADERS => "EXTENDED_HEADERS",
         _ => "unknown option",
     }
 }

@@ -12,12 +12,19 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(16))]
-    /// Any workload through client and server behaves like a `Vec<u8>`.
+    /// Any workload through client and server behaves like a `Vec<u8>`, with extended headers
+    /// (the default) or structured replies.
     #[test]
-    fn client_and_server_match_the_model(size in 1u64..300_000, ops in testing::ops_strategy(70_000, 30)) {
+    fn client_and_server_match_the_model(
+        size in 1u64..300_000,
+        ops in testing::ops_strategy(70_000, 30),
+        extended in any::<bool>(),
+    ) {
         testing::block_on(async {
             let running = common::serve(common::memory_config("m", size), None).await;
-            let client = Client::connect(&running.uri_for("m"), ClientOptions::default()).await.unwrap();
+            let options = ClientOptions { extended_headers: extended, ..ClientOptions::default() };
+            let client = Client::connect(&running.uri_for("m"), options).await.unwrap();
+            prop_assert_eq!(client.info().extended_headers, extended);
             testing::check_against_model(&client, 1, &ops).await?;
             // The server's backend holds what the client wrote.
             let through_client = common::contents(&client).await;
@@ -32,13 +39,15 @@ proptest! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_requests_on_one_connection_match_the_model() {
     let running = common::serve(common::memory_config("", 4 << 20), None).await;
-    for structured in [true, false] {
+    for (structured, extended) in [(true, true), (true, false), (false, false)] {
         let options = ClientOptions {
             structured_replies: structured,
+            extended_headers: extended,
             ..ClientOptions::default()
         };
         let client = Arc::new(Client::connect(&running.uri, options).await.unwrap());
         assert_eq!(client.info().structured_replies, structured);
+        assert_eq!(client.info().extended_headers, extended);
         client.write_zeroes(0, 4 << 20).await.unwrap();
         testing::check_concurrent(client.clone(), 1, 8, 100)
             .await

@@ -244,6 +244,9 @@ async fn an_option_reply_must_answer_the_option_sent() {
     let script = async {
         server.greet().await;
         let (option, _) = server.recv_option().await.unwrap();
+        assert_eq!(option, opt::EXTENDED_HEADERS);
+        server.reply_option(option, rep::ERR_UNSUP, &[]).await;
+        let (option, _) = server.recv_option().await.unwrap();
         assert_eq!(option, opt::STRUCTURED_REPLY);
         server.reply_option(opt::GO, rep::ACK, &[]).await;
     };

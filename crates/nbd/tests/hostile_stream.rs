@@ -1,5 +1,6 @@
-//! Property test: random and mutated server byte streams never panic the client, never hang it
-//! past its deadlines, and every pending request ends with an error or correct data. Runs on a
+//! Property test: random and mutated server byte streams (compact and extended headers) never
+//! panic the client, never hang it past its deadlines, and every pending request ends with an
+//! error or correct data. Runs on a
 //! paused clock, so the client's own timeouts pass instantly and a hang shows up as the outer
 //! deadline firing.
 
@@ -137,8 +138,8 @@ proptest! {
 
     /// The unmutated transcript serves every read correctly (the baseline the mutations break).
     #[test]
-    fn a_valid_stream_serves_every_read(reads in reads(), freeze in any::<bool>()) {
-        let transcript = testing::valid_transcript(&content(), &reads);
+    fn a_valid_stream_serves_every_read(reads in reads(), freeze in any::<bool>(), extended in any::<bool>()) {
+        let transcript = testing::valid_transcript(&content(), &reads, extended);
         check(&transcript, freeze, &reads, true)?;
     }
 
@@ -148,8 +149,9 @@ proptest! {
         reads in reads(),
         mutations in proptest::collection::vec(mutation(), 1..4),
         freeze in any::<bool>(),
+        extended in any::<bool>(),
     ) {
-        let mut bytes = testing::valid_transcript(&content(), &reads);
+        let mut bytes = testing::valid_transcript(&content(), &reads, extended);
         for mutation in &mutations {
             apply(&mut bytes, mutation);
         }
@@ -163,9 +165,10 @@ proptest! {
         junk in proptest::collection::vec(any::<u8>(), 0..512),
         after_handshake in any::<bool>(),
         freeze in any::<bool>(),
+        extended in any::<bool>(),
     ) {
         let mut bytes = if after_handshake {
-            testing::valid_transcript(&content(), &[])
+            testing::valid_transcript(&content(), &[], extended)
         } else {
             Vec::new()
         };

@@ -194,6 +194,13 @@ async fn wait_for(path: &Path) {
 async fn conformance(uri: &str) {
     let client = Arc::new(Client::connect(uri, ClientOptions::default()).await.unwrap());
     assert_eq!(client.size(), SIZE);
+    // These peers predate NBD_OPT_EXTENDED_HEADERS: the client asked, was refused and fell
+    // back to structured replies, with base:allocation still selected.
+    let info = client.info();
+    assert!(!info.extended_headers && info.structured_replies, "{info:?}");
+    assert!(info.base_allocation.is_some(), "{info:?}");
+    let status = client.block_status(0, SIZE, 0).await.unwrap();
+    assert!(!status.is_empty() && status.iter().all(|d| d.length > 0 && d.status <= 3));
     testing::check_concurrent(client.clone(), 1, 4, 60).await.unwrap();
     let data = common::random_bytes(3, 3 << 20);
     client.write_at(12345, &data).await.unwrap();

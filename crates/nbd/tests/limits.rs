@@ -70,7 +70,12 @@ fn max_request_must_leave_room_for_the_reply_header() {
     Service::new(config).unwrap();
     // The largest read's reply header is encodable: its length field is exactly u32::MAX.
     let mut head = BytesMut::new();
-    codec::encode_offset_data_header(&mut head, 1, 0, r3map_nbd::server::MAX_REQUEST_LIMIT);
+    let to = codec::ReplyTo {
+        framing: codec::Framing::Structured,
+        handle: 1,
+        offset: 0,
+    };
+    codec::encode_read_reply_header(&mut head, to, r3map_nbd::server::MAX_REQUEST_LIMIT);
     assert_eq!(&head[16..20], &u32::MAX.to_be_bytes());
 }
 

@@ -27,14 +27,27 @@ fuzz_target!(|data: &[u8]| {
     while let Ok(Some(request)) = decoder.decode_header(&mut buf) {
         if request.payload == codec::Payload::Follows {
             assert!(request.length <= 512);
-            decoder.discard(u64::from(request.length));
+            decoder.discard(request.length);
         }
     }
+    // Extended headers: 64-bit lengths, payloads announced by NBD_CMD_FLAG_PAYLOAD_LEN.
+    let mut decoder = codec::RequestDecoder::for_framing(512, codec::Framing::Extended);
+    let mut buf = BytesMut::from(data);
+    while let Ok(Some(request)) = decoder.decode_header(&mut buf) {
+        if request.payload == codec::Payload::Follows {
+            assert!(request.length <= 512);
+            decoder.discard(request.length);
+        }
+    }
+    let _ = codec::parse_block_status(data, false);
+    let _ = codec::parse_block_status(data, true);
     let mut options = codec::OptionDecoder::new(512);
     let mut buf = BytesMut::from(data);
     while let Ok(Some(_)) = options.decode(&mut buf) {}
-    let mut buf = BytesMut::from(data);
-    while let Ok(Some(_)) = codec::decode_reply_header(&mut buf) {}
+    for framing in [codec::Framing::Simple, codec::Framing::Structured, codec::Framing::Extended] {
+        let mut buf = BytesMut::from(data);
+        while let Ok(Some(_)) = codec::decode_reply_header(&mut buf, framing) {}
+    }
     let mut buf = BytesMut::from(data);
     while let Ok(Some(_)) = codec::decode_option_reply(&mut buf, 512) {}
 });

@@ -19,13 +19,13 @@ use bytes::{Bytes, BytesMut};
 use r3map_core::{check_range, Backend, Error, Result};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
-use crate::codec::{self, CodecError};
+use crate::codec::{self, CodecError, Framing, StatusDescriptor};
 use crate::server::AsyncStream;
 use crate::tls::{ClientTls, TlsError};
 use crate::uri::{NbdUri, UriError};
-use crate::wire::{self, cmd, transmission_flags};
+use crate::wire::{self, cmd, cmd_flags, transmission_flags};
 use negotiate::Negotiation;
-use replies::{Coverage, Outgoing, Pending, Shared};
+use replies::{Coverage, Outgoing, Pending, Reply, Shared};
 
 type BoxStream = Box<dyn AsyncStream>;
 
@@ -36,6 +36,10 @@ pub struct ClientOptions {
     pub tls: Option<ClientTls>,
     /// Ask for structured replies (recommended: read errors then carry messages).
     pub structured_replies: bool,
+    /// Ask for extended headers first (64-bit lengths: trims, zeroes and block status over
+    /// more than 4 GiB in one request), falling back to structured replies on servers without
+    /// them. Only with `structured_replies`.
+    pub extended_headers: bool,
     /// Requests that may be in flight on the connection at once.
     pub max_in_flight: usize,
     /// Time allowed for connecting and the handshake.
@@ -51,6 +55,7 @@ impl Default for ClientOptions {
         Self {
             tls: None,
             structured_replies: true,
+            extended_headers: true,
             max_in_flight: 64,
             connect_timeout: Duration::from_secs(10),
             request_timeout: Some(Duration::from_secs(60)),
@@ -71,8 +76,10 @@ pub struct ExportInfo {
     pub preferred_block: u32,
     /// Largest payload the client sends or asks for in one request.
     pub max_payload: u32,
-    /// Whether structured replies were negotiated.
+    /// Whether structured replies (or extended headers, which imply them) were negotiated.
     pub structured_replies: bool,
+    /// Whether extended headers were negotiated.
+    pub extended_headers: bool,
     /// Context id of `base:allocation`, if the server offers it for this export.
     pub base_allocation: Option<u32>,
 }
@@ -190,17 +197,25 @@ impl Client {
         export: &str,
         options: &ClientOptions,
     ) -> Result<Self, ClientError> {
-        let structured = options.structured_replies && negotiation.structured_replies().await?;
-        let base_allocation = if structured {
+        let framing = if !options.structured_replies {
+            Framing::Simple
+        } else if options.extended_headers && negotiation.extended_headers().await? {
+            Framing::Extended
+        } else if negotiation.structured_replies().await? {
+            Framing::Structured
+        } else {
+            Framing::Simple
+        };
+        let base_allocation = if framing.chunked() {
             negotiation.base_allocation(export).await?
         } else {
             None
         };
-        let mut info = negotiation.go(export, structured).await?;
+        let mut info = negotiation.go(export, framing).await?;
         info.base_allocation = base_allocation;
         let (io, buf) = negotiation.into_parts();
         let (reader, writer) = tokio::io::split(io);
-        let shared = Arc::new(Shared::new(structured));
+        let shared = Arc::new(Shared::new(framing));
         let max_in_flight = options.max_in_flight.max(1);
         let (requests, outgoing) = mpsc::channel(max_in_flight);
         tokio::spawn(replies::write_requests(writer, outgoing, shared.clone()));
@@ -237,16 +252,16 @@ impl Client {
         &self.info
     }
 
-    /// Sends one request and waits for its reply (a read's data for reads, the raw extent
-    /// descriptors for block status).
+    /// Sends one request and waits for its reply (a read's data for reads, the descriptors for
+    /// block status). `length` fits 32 bits unless extended headers are in use.
     async fn call(
         &self,
         command: u16,
         flags: u16,
         offset: u64,
-        length: u32,
+        length: u64,
         payload: Option<Bytes>,
-    ) -> Result<Vec<u8>> {
+    ) -> Result<Reply> {
         let _slot = self.slots.acquire().await.map_err(|_| Error::Closed)?;
         // Reserve channel space first: everything after it is synchronous, so a cancelled
         // caller never leaves a request registered but unsent.
@@ -273,6 +288,7 @@ impl Client {
                     offset,
                     length,
                     data,
+                    status: Vec::new(),
                     context: self.info.base_allocation.unwrap_or(0),
                     coverage: Coverage::default(),
                     chunked: false,
@@ -281,8 +297,19 @@ impl Client {
                 },
             );
         }
-        let mut head = BytesMut::with_capacity(wire::REQUEST_HEADER_LEN);
-        codec::encode_request(&mut head, flags, command, handle, offset, length);
+        let mut head = BytesMut::with_capacity(wire::EXTENDED_HEADER_LEN);
+        if self.info.extended_headers {
+            // With extended headers a payload is announced by a flag, not by the command.
+            let flags = if payload.is_some() {
+                flags | cmd_flags::PAYLOAD_LEN
+            } else {
+                flags
+            };
+            codec::encode_extended_request(&mut head, flags, command, handle, offset, length);
+        } else {
+            debug_assert!(length <= u64::from(u32::MAX), "split by the callers");
+            codec::encode_request(&mut head, flags, command, handle, offset, length as u32);
+        }
         permit.send(Outgoing { head, payload });
         let reply = match self.request_timeout {
             None => result.await,
@@ -339,16 +366,48 @@ impl Client {
         if !self.info.has(transmission_flags::SEND_CACHE) {
             return Ok(());
         }
-        self.call(cmd::CACHE, 0, offset, len, None).await.map(drop)
+        self.call(cmd::CACHE, 0, offset, u64::from(len), None)
+            .await
+            .map(drop)
     }
 
-    /// Ranged commands without payload (trim, zeroes), split into `u32` lengths.
+    /// `NBD_CMD_BLOCK_STATUS` for `base:allocation` over `len` bytes at `offset` (a hint: the
+    /// server may describe less or, in the last descriptor, more). Without extended headers
+    /// the length is cut to 32 bits. Fails with [`Error::InvalidConfig`] when the server does
+    /// not offer `base:allocation` for this export.
+    pub async fn block_status(&self, offset: u64, len: u64, flags: u16) -> Result<Vec<StatusDescriptor>> {
+        check_range(offset, len, self.info.size)?;
+        if self.info.base_allocation.is_none() {
+            return Err(Error::InvalidConfig(format!(
+                "the NBD server does not offer {} for export {:?}",
+                wire::BASE_ALLOCATION,
+                self.info.name
+            )));
+        }
+        let min = u64::from(self.info.min_block.max(1));
+        let max = if self.info.extended_headers {
+            u64::MAX
+        } else {
+            u64::from(u32::MAX)
+        };
+        let len = len.min(max / min * min);
+        Ok(self
+            .call(cmd::BLOCK_STATUS, flags, offset, len, None)
+            .await?
+            .status)
+    }
+
+    /// Ranged commands without payload (trim, zeroes): one request with extended headers
+    /// (64-bit effect length), otherwise split into `u32` lengths.
     async fn ranged(&self, command: u16, flags: u16, offset: u64, len: u64) -> Result<()> {
+        if self.info.extended_headers {
+            return self.call(command, flags, offset, len, None).await.map(drop);
+        }
         let step = u64::from(u32::MAX) / 65536 * 65536;
         let mut done = 0;
         while done < len {
             let n = (len - done).min(step);
-            self.call(command, flags, offset + done, n as u32, None).await?;
+            self.call(command, flags, offset + done, n, None).await?;
             done += n;
         }
         Ok(())
@@ -366,8 +425,8 @@ impl Backend for Client {
         let piece = self.piece_len();
         let reads = buf.chunks_mut(piece).enumerate().map(|(i, part)| async move {
             let at = offset + (i * piece) as u64;
-            let data = self.call(cmd::READ, 0, at, part.len() as u32, None).await?;
-            part.copy_from_slice(&data);
+            let reply = self.call(cmd::READ, 0, at, part.len() as u64, None).await?;
+            part.copy_from_slice(&reply.data);
             Ok::<_, Error>(())
         });
         futures::future::try_join_all(reads).await?;
@@ -381,7 +440,7 @@ impl Backend for Client {
             let at = offset + (i * piece) as u64;
             let payload = Bytes::copy_from_slice(part);
             async move {
-                self.call(cmd::WRITE, 0, at, payload.len() as u32, Some(payload))
+                self.call(cmd::WRITE, 0, at, payload.len() as u64, Some(payload))
                     .await
                     .map(drop)
             }
@@ -413,7 +472,7 @@ impl Backend for Client {
         while done < len {
             let n = (len - done).min(zeros.len() as u64) as usize;
             let payload = zeros.slice(..n);
-            self.call(cmd::WRITE, 0, offset + done, n as u32, Some(payload))
+            self.call(cmd::WRITE, 0, offset + done, n as u64, Some(payload))
                 .await?;
             done += n as u64;
         }

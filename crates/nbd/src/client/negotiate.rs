@@ -1,5 +1,6 @@
-//! The handshake from the client side: greeting, optional STARTTLS, structured replies, the
-//! `base:allocation` metadata context and `NBD_OPT_GO` (falling back to `NBD_OPT_EXPORT_NAME`).
+//! The handshake from the client side: greeting, optional STARTTLS, extended headers (falling
+//! back to structured replies), the `base:allocation` metadata context and `NBD_OPT_GO`
+//! (falling back to `NBD_OPT_EXPORT_NAME`, unless extended headers were agreed).
 //! Every reply is checked against the option it must answer and every advertised constraint
 //! against the protocol's rules before the client relies on it.
 
@@ -10,7 +11,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
 
 use super::{BoxStream, ClientError, ExportInfo};
-use crate::codec::{self, Info};
+use crate::codec::{self, Framing, Info};
 use crate::tls::ClientTls;
 use crate::uri::{NbdUri, Transport};
 use crate::wire::{self, opt, rep, transmission_flags};
@@ -185,17 +186,29 @@ impl Negotiation {
         Ok(reply)
     }
 
-    pub(super) async fn structured_replies(&mut self) -> Result<bool, ClientError> {
-        self.send(opt::STRUCTURED_REPLY, &[]).await?;
-        let reply = self.reply(opt::STRUCTURED_REPLY).await?;
+    /// Asks for `option` (one without data); whether the server acknowledged it. Any error
+    /// reply (servers that predate it answer `NBD_REP_ERR_UNSUP`) means "not agreed".
+    async fn agree(&mut self, option: u32) -> Result<bool, ClientError> {
+        self.send(option, &[]).await?;
+        let reply = self.reply(option).await?;
         match reply.reply {
             rep::ACK => Ok(true),
             error if error & rep::ERROR_BIT != 0 => Ok(false),
             other => Err(violation(format!(
-                "reply {} to NBD_OPT_STRUCTURED_REPLY",
-                rep::name(other)
+                "reply {} to NBD_OPT_{}",
+                rep::name(other),
+                wire::option_name(option)
             ))),
         }
+    }
+
+    pub(super) async fn structured_replies(&mut self) -> Result<bool, ClientError> {
+        self.agree(opt::STRUCTURED_REPLY).await
+    }
+
+    /// `NBD_OPT_EXTENDED_HEADERS` (structured replies are implied when agreed).
+    pub(super) async fn extended_headers(&mut self) -> Result<bool, ClientError> {
+        self.agree(opt::EXTENDED_HEADERS).await
     }
 
     /// Selects `base:allocation` for `export`; its context id if the server offers it.
@@ -250,7 +263,7 @@ impl Negotiation {
     }
 
     /// `NBD_OPT_GO` (falling back to `NBD_OPT_EXPORT_NAME` on old servers).
-    pub(super) async fn go(&mut self, export: &str, structured: bool) -> Result<ExportInfo, ClientError> {
+    pub(super) async fn go(&mut self, export: &str, framing: Framing) -> Result<ExportInfo, ClientError> {
         let mut data = BytesMut::new();
         codec::encode_export_request(
             &mut data,
@@ -266,7 +279,8 @@ impl Negotiation {
             min_block: 1,
             preferred_block: 4096,
             max_payload: wire::DEFAULT_MAX_PAYLOAD,
-            structured_replies: structured,
+            structured_replies: framing.chunked(),
+            extended_headers: framing.extended(),
             base_allocation: None,
         };
         let mut have_export = false;
@@ -294,6 +308,13 @@ impl Negotiation {
                 },
                 rep::ACK if have_export => return Ok(info),
                 rep::ACK => return Err(violation("NBD_OPT_GO succeeded without NBD_INFO_EXPORT")),
+                rep::ERR_UNSUP if framing.extended() => {
+                    // The protocol forbids both: this answer, and EXPORT_NAME after extended
+                    // headers.
+                    return Err(violation(
+                        "NBD_OPT_GO answered ERR_UNSUP after extended headers were agreed",
+                    ));
+                }
                 rep::ERR_UNSUP => {
                     self.send(opt::EXPORT_NAME, export.as_bytes()).await?;
                     let (size, flags) = loop {

@@ -14,11 +14,14 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter, ReadHalf, WriteHalf};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::BoxStream;
-use crate::codec::{self, ReplyHeader};
+use crate::codec::{self, Framing, ReplyHeader, StatusDescriptor};
 use crate::wire::{self, cmd, errno, reply_type};
 
-/// Largest non-data structured chunk the client accepts.
-const MAX_CHUNK: u32 = 1 << 20;
+/// Largest error chunk the client accepts.
+const MAX_CHUNK: u64 = 1 << 20;
+/// Largest block status chunk the client accepts (2^17 extended descriptors, twice as many
+/// compact ones; servers send at most 2^20 and may always send fewer).
+const MAX_STATUS_CHUNK: u64 = 2 << 20;
 
 /// Byte ranges of one read that chunks have filled, kept exactly so overlaps are caught.
 #[derive(Debug, Default)]
@@ -56,9 +59,12 @@ impl Coverage {
 pub(super) struct Pending {
     pub(super) command: u16,
     pub(super) offset: u64,
-    pub(super) length: u32,
-    /// A read's data, or a block status reply's descriptors, filled by the reader task.
+    /// Payload or effect length (above 32 bits only with extended headers).
+    pub(super) length: u64,
+    /// A read's data, filled by the reader task.
     pub(super) data: Vec<u8>,
+    /// A block status reply's descriptors.
+    pub(super) status: Vec<StatusDescriptor>,
     /// Context id of `base:allocation` (block status requests only).
     pub(super) context: u32,
     /// Parts of a structured read filled so far.
@@ -66,7 +72,16 @@ pub(super) struct Pending {
     /// Whether a structured chunk of this reply arrived already.
     pub(super) chunked: bool,
     pub(super) error: Option<Error>,
-    pub(super) done: oneshot::Sender<Result<Vec<u8>>>,
+    pub(super) done: oneshot::Sender<Result<Reply>>,
+}
+
+/// What a successful request returns.
+#[derive(Debug, Default)]
+pub(super) struct Reply {
+    /// A read's data.
+    pub(super) data: Vec<u8>,
+    /// A block status query's descriptors (at least one).
+    pub(super) status: Vec<StatusDescriptor>,
 }
 
 #[derive(Default)]
@@ -79,17 +94,18 @@ pub(super) struct Table {
 /// State the client, its writer task and its reader task share.
 pub(super) struct Shared {
     pub(super) table: Mutex<Table>,
-    /// Whether structured replies were negotiated (otherwise chunks are a violation).
-    pub(super) structured: bool,
+    /// The negotiated headers: which reply headers are valid, and whether reads must come
+    /// as chunks.
+    pub(super) framing: Framing,
     /// Turns true when the connection is closed; both tasks stop then.
     closing: watch::Sender<bool>,
 }
 
 impl Shared {
-    pub(super) fn new(structured: bool) -> Self {
+    pub(super) fn new(framing: Framing) -> Self {
         Self {
             table: Mutex::new(Table::default()),
-            structured,
+            framing,
             closing: watch::channel(false).0,
         }
     }
@@ -227,7 +243,7 @@ fn server_error(pending: &Pending, error: u32, message: &str) -> Error {
 fn within(pending: &Pending, offset: u64, len: u64) -> Option<(u64, u64)> {
     let start = offset.checked_sub(pending.offset)?;
     let end = start.checked_add(len)?;
-    (end <= u64::from(pending.length)).then_some((start, end))
+    (end <= pending.length).then_some((start, end))
 }
 
 impl ReplyReader {
@@ -250,7 +266,7 @@ impl ReplyReader {
     /// Handles one reply message; `Ok(false)` on a clean end of stream.
     async fn next(&mut self, shared: &Shared) -> Result<bool> {
         let header = loop {
-            match codec::decode_reply_header(&mut self.buf).map_err(protocol)? {
+            match codec::decode_reply_header(&mut self.buf, shared.framing).map_err(protocol)? {
                 Some(header) => break header,
                 None => {
                     if !self.fill().await? {
@@ -273,7 +289,7 @@ impl ReplyReader {
                 if pending.chunked {
                     return Err(protocol("a simple reply to a request answered with chunks"));
                 }
-                if shared.structured && pending.command == cmd::READ {
+                if shared.framing.chunked() && pending.command == cmd::READ {
                     return Err(protocol("a simple reply to a read after structured replies"));
                 }
                 if error != 0 {
@@ -286,29 +302,44 @@ impl ReplyReader {
                     } else {
                         data.clear();
                     }
-                    let _ = pending.done.send(Ok(data));
+                    let _ = pending.done.send(Ok(Reply {
+                        data,
+                        status: Vec::new(),
+                    }));
                 }
             }
             ReplyHeader::Chunk {
-                flags, kind, length, ..
+                flags,
+                kind,
+                offset,
+                length,
+                ..
             } => {
-                if !shared.structured {
-                    return Err(protocol("a structured reply chunk without structured replies"));
+                // The codec accepts chunks only in the negotiated framing.
+                if offset.is_some_and(|offset| offset != pending.offset) {
+                    return Err(protocol(format!(
+                        "an extended reply with offset {} to a request at offset {}",
+                        offset.unwrap_or_default(),
+                        pending.offset
+                    )));
                 }
                 pending.chunked = true;
-                self.chunk(&mut pending, kind, length).await?;
+                self.chunk(&mut pending, kind, length, shared.framing).await?;
                 if flags & wire::reply_flags::DONE != 0 {
                     let result = match pending.error.take() {
                         Some(err) => Err(err),
                         None if pending.command == cmd::READ
-                            && pending.coverage.covered() < u64::from(pending.length) =>
+                            && pending.coverage.covered() < pending.length =>
                         {
                             return Err(protocol("a read reply did not cover the whole request"));
                         }
-                        None if pending.command == cmd::BLOCK_STATUS && pending.data.is_empty() => {
+                        None if pending.command == cmd::BLOCK_STATUS && pending.status.is_empty() => {
                             return Err(protocol("a block status reply without extents"));
                         }
-                        None => Ok(std::mem::take(&mut pending.data)),
+                        None => Ok(Reply {
+                            data: std::mem::take(&mut pending.data),
+                            status: std::mem::take(&mut pending.status),
+                        }),
                     };
                     let _ = pending.done.send(result);
                 } else {
@@ -319,8 +350,13 @@ impl ReplyReader {
         Ok(true)
     }
 
-    async fn chunk(&mut self, pending: &mut Pending, kind: u16, length: u32) -> Result<()> {
+    async fn chunk(&mut self, pending: &mut Pending, kind: u16, length: u64, framing: Framing) -> Result<()> {
         let is_read = pending.command == cmd::READ;
+        let status_kind = if framing.extended() {
+            reply_type::BLOCK_STATUS_EXT
+        } else {
+            reply_type::BLOCK_STATUS
+        };
         match kind {
             reply_type::NONE => {
                 if length != 0 {
@@ -334,7 +370,7 @@ impl ReplyReader {
                 let mut offset = [0u8; 8];
                 self.read_exact(&mut offset).await?;
                 let offset = u64::from_be_bytes(offset);
-                let (start, end) = within(pending, offset, u64::from(length - 8))
+                let (start, end) = within(pending, offset, length - 8)
                     .ok_or_else(|| protocol("data chunk outside the requested range"))?;
                 pending.coverage.insert(start, end).map_err(protocol)?;
                 self.read_exact(&mut pending.data[start as usize..end as usize])
@@ -368,20 +404,21 @@ impl ReplyReader {
                     .error
                     .get_or_insert(server_error(pending, error, &message));
             }
-            reply_type::BLOCK_STATUS if pending.command == cmd::BLOCK_STATUS => {
-                if !(12..=MAX_CHUNK).contains(&length) || !(length - 4).is_multiple_of(8) {
+            kind if kind == status_kind && pending.command == cmd::BLOCK_STATUS => {
+                if length > MAX_STATUS_CHUNK {
                     return Err(protocol(format!("block status chunk of {length} bytes")));
                 }
                 let mut payload = vec![0u8; length as usize];
                 self.read_exact(&mut payload).await?;
-                let context = u32::from_be_bytes(payload[..4].try_into().expect("4 bytes"));
-                if context != pending.context || !pending.data.is_empty() {
+                let (context, descriptors) =
+                    codec::parse_block_status(&payload, framing.extended()).map_err(protocol)?;
+                if context != pending.context || !pending.status.is_empty() {
                     return Err(protocol(format!(
                         "block status chunk for context {context} (asked for {} once)",
                         pending.context
                     )));
                 }
-                pending.data = payload.split_off(4);
+                pending.status = descriptors;
             }
             other => {
                 return Err(protocol(format!(

@@ -1,5 +1,5 @@
-//! The option phase of one connection (fixed newstyle): TLS, structured replies, metadata
-//! contexts, `LIST`, `INFO` and `GO`/`EXPORT_NAME`. Once the server shuts down, a client that
+//! The option phase of one connection (fixed newstyle): TLS, structured replies, extended
+//! headers, metadata contexts, `LIST`, `INFO` and `GO`/`EXPORT_NAME`. Once the server shuts down, a client that
 //! is still negotiating gets `NBD_REP_ERR_SHUTDOWN` for its next option and is disconnected.
 
 use std::sync::Arc;
@@ -10,7 +10,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 
 use super::{BoxStream, ConnectionError, Export, State};
-use crate::codec::{self, CodecError, OptionFrame};
+use crate::codec::{self, CodecError, Framing, OptionFrame};
 use crate::wire::{self, handshake_flags, opt, rep, transmission_flags};
 
 /// Option data above this many bytes is skipped and answered with `NBD_REP_ERR_TOO_BIG`.
@@ -21,7 +21,7 @@ const SHUTDOWN_LINGER: Duration = Duration::from_millis(500);
 /// What the handshake agreed on.
 pub(super) struct Session {
     pub(super) export: Arc<Export>,
-    pub(super) structured: bool,
+    pub(super) framing: Framing,
     pub(super) block_status: bool,
 }
 
@@ -61,7 +61,7 @@ async fn read_frame<T>(
     }
 }
 
-pub(super) fn transmission_flags_for(export: &Export, structured: bool) -> u16 {
+pub(super) fn transmission_flags_for(export: &Export, framing: Framing) -> u16 {
     use transmission_flags::*;
     let mut flags = HAS_FLAGS | SEND_FLUSH | SEND_CACHE;
     if export.read_only {
@@ -69,7 +69,7 @@ pub(super) fn transmission_flags_for(export: &Export, structured: bool) -> u16 {
     } else {
         flags |= SEND_FUA | SEND_TRIM | SEND_WRITE_ZEROES;
     }
-    if structured {
+    if framing.chunked() {
         flags |= SEND_DF;
     }
     if export.multi_conn {
@@ -138,7 +138,8 @@ pub(super) async fn handshake(
 
     let mut decoder = codec::OptionDecoder::new(MAX_OPTION_LEN);
     let mut tls_active = false;
-    let mut structured = false;
+    // Structured replies, or extended headers (which imply them and take precedence).
+    let mut framing = Framing::Simple;
     // Export name the last NBD_OPT_SET_META_CONTEXT selected `base:allocation` for.
     let mut meta_export: Option<String> = None;
     loop {
@@ -197,16 +198,21 @@ pub(super) async fn handshake(
                 let Some(export) = state.find(&name).cloned() else {
                     return Err(ConnectionError::UnknownExport(name));
                 };
-                let flags = transmission_flags_for(&export, structured);
+                if framing.extended() {
+                    // The protocol forbids EXPORT_NAME after extended headers: its reply
+                    // cannot say which headers follow, and it cannot carry an error.
+                    return Err(ConnectionError::ExportNameAfterExtendedHeaders);
+                }
+                let flags = transmission_flags_for(&export, framing);
                 codec::encode_export_name_reply(&mut hs.out, export.backend.size(), flags, no_zeroes);
                 hs.flush().await?;
-                let block_status = structured && meta_export.as_deref() == Some(name.as_str());
+                let block_status = framing.chunked() && meta_export.as_deref() == Some(name.as_str());
                 return Ok(Some((
                     hs.io,
                     buf,
                     Session {
                         export,
-                        structured,
+                        framing,
                         block_status,
                     },
                 )));
@@ -259,7 +265,7 @@ pub(super) async fn handshake(
                 hs.io = Box::new(stream);
                 tls_active = true;
                 // Nothing negotiated before STARTTLS survives it.
-                structured = false;
+                framing = Framing::Simple;
                 meta_export = None;
             }
             opt::INFO | opt::GO => {
@@ -277,7 +283,7 @@ pub(super) async fn handshake(
                     hs.flush().await?;
                     continue;
                 };
-                let flags = transmission_flags_for(&export, structured);
+                let flags = transmission_flags_for(&export, framing);
                 hs.reply(
                     option,
                     rep::INFO,
@@ -305,24 +311,42 @@ pub(super) async fn handshake(
                 hs.reply(option, rep::ACK, &[]);
                 hs.flush().await?;
                 if option == opt::GO {
-                    let block_status = structured && meta_export.as_deref() == Some(request.name.as_str());
+                    let block_status =
+                        framing.chunked() && meta_export.as_deref() == Some(request.name.as_str());
                     return Ok(Some((
                         hs.io,
                         buf,
                         Session {
                             export,
-                            structured,
+                            framing,
                             block_status,
                         },
                     )));
                 }
             }
             opt::STRUCTURED_REPLY => {
+                if !data.is_empty() {
+                    hs.error(option, rep::ERR_INVALID, "NBD_OPT_STRUCTURED_REPLY takes no data");
+                } else if framing.extended() {
+                    // Extended headers take precedence; there is no way back to 32-bit ones.
+                    hs.error(
+                        option,
+                        rep::ERR_EXT_HEADER_REQD,
+                        "extended headers are already negotiated",
+                    );
+                } else {
+                    framing = Framing::Structured;
+                    hs.reply(option, rep::ACK, &[]);
+                }
+                hs.flush().await?;
+            }
+            opt::EXTENDED_HEADERS => {
                 if data.is_empty() {
-                    structured = true;
+                    // Allowed with or without structured replies before it; they are implied.
+                    framing = Framing::Extended;
                     hs.reply(option, rep::ACK, &[]);
                 } else {
-                    hs.error(option, rep::ERR_INVALID, "NBD_OPT_STRUCTURED_REPLY takes no data");
+                    hs.error(option, rep::ERR_INVALID, "NBD_OPT_EXTENDED_HEADERS takes no data");
                 }
                 hs.flush().await?;
             }
@@ -332,7 +356,7 @@ pub(super) async fn handshake(
                     // A SET replaces the previous selection even when it fails.
                     meta_export = None;
                 }
-                match meta_context(state, structured, &data) {
+                match meta_context(state, framing, &data) {
                     Ok((name, queries)) => {
                         let matched = queries
                             .iter()
@@ -364,13 +388,13 @@ pub(super) async fn handshake(
 /// Validates a meta context option; returns the export name and the queries.
 fn meta_context(
     state: &State,
-    structured: bool,
+    framing: Framing,
     data: &[u8],
 ) -> Result<(String, Vec<String>), (u32, String)> {
-    if !structured {
+    if !framing.chunked() {
         return Err((
             rep::ERR_INVALID,
-            "negotiate NBD_OPT_STRUCTURED_REPLY before metadata contexts".into(),
+            "negotiate NBD_OPT_STRUCTURED_REPLY or NBD_OPT_EXTENDED_HEADERS before metadata contexts".into(),
         ));
     }
     let request =

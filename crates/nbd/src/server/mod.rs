@@ -4,7 +4,8 @@
 //! # Layout
 //!
 //! - `listener`: [`Server`]: binding, accepting under the connection cap, shutdown.
-//! - `handshake`: the option phase (TLS, structured replies, metadata contexts, `GO`).
+//! - `handshake`: the option phase (TLS, structured replies, extended headers, metadata
+//!   contexts, `GO`).
 //! - `transmission`: reading and checking requests and running them against the backend.
 //! - `reply_writer`: sending replies (vectored, with a write deadline).
 //!
@@ -274,6 +275,8 @@ pub enum ConnectionError {
     UnknownExport(String),
     #[error("client tried to enter transmission without TLS, which this server requires")]
     TlsRequired,
+    #[error("client sent NBD_OPT_EXPORT_NAME after negotiating extended headers (the protocol requires NBD_OPT_GO)")]
+    ExportNameAfterExtendedHeaders,
     #[error("client sent data after NBD_OPT_STARTTLS before the TLS handshake")]
     DataBeforeTls,
     #[error("TLS handshake failed: {}", r3map_tls::describe_handshake_error(.0))]

@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, watch, Notify, OwnedSemaphorePermit, Semaphore};
 use super::handshake::Session;
 use super::reply_writer::write_replies;
 use super::{BoxStream, ConnectionError, State};
-use crate::codec::{self, Payload, Request, RequestDecoder};
+use crate::codec::{self, Framing, Payload, ReplyTo, Request, RequestDecoder, StatusDescriptor};
 use crate::pool::{BufferPool, PooledBuf};
 use crate::wire::{self, cmd, cmd_flags, errno};
 
@@ -100,9 +100,11 @@ fn refuse(error: u32, message: impl Into<String>) -> Refusal {
 fn check_request(request: &Request, session: &Session, max_request: u32) -> Result<(), Refusal> {
     let export = &session.export;
     let name = wire::command_name(request.command);
+    let extended = session.framing.extended();
     let allowed = cmd_flags::FUA
         | match request.command {
-            cmd::READ if session.structured => cmd_flags::DF,
+            cmd::READ if session.framing.chunked() => cmd_flags::DF,
+            cmd::WRITE if extended => cmd_flags::PAYLOAD_LEN,
             cmd::WRITE_ZEROES => cmd_flags::NO_HOLE,
             cmd::BLOCK_STATUS => cmd_flags::REQ_ONE,
             _ => 0,
@@ -125,6 +127,13 @@ fn check_request(request: &Request, session: &Session, max_request: u32) -> Resu
             ),
         ));
     }
+    if extended && request.command == cmd::WRITE && request.flags & cmd_flags::PAYLOAD_LEN == 0 {
+        // Without the flag the length is an effect length and no data followed.
+        return Err(refuse(
+            errno::EINVAL,
+            "WRITE without NBD_CMD_FLAG_PAYLOAD_LEN (required with extended headers)",
+        ));
+    }
     if request.flags & !allowed != 0 {
         return Err(refuse(
             errno::EINVAL,
@@ -142,7 +151,7 @@ fn check_request(request: &Request, session: &Session, max_request: u32) -> Resu
         return Ok(());
     }
     let size = export.backend.size();
-    let end = request.offset.checked_add(u64::from(request.length));
+    let end = request.offset.checked_add(request.length);
     if end.is_none_or(|end| end > size) {
         let error = if matches!(request.command, cmd::WRITE | cmd::WRITE_ZEROES) {
             errno::ENOSPC
@@ -157,8 +166,8 @@ fn check_request(request: &Request, session: &Session, max_request: u32) -> Resu
             ),
         ));
     }
-    if request.command == cmd::READ && request.length > max_request {
-        let error = if session.structured {
+    if request.command == cmd::READ && request.length > u64::from(max_request) {
+        let error = if session.framing.chunked() {
             errno::EOVERFLOW
         } else {
             errno::EINVAL
@@ -185,23 +194,23 @@ fn check_request(request: &Request, session: &Session, max_request: u32) -> Resu
     Ok(())
 }
 
-fn error_reply(handle: u64, structured: bool, error: u32, message: &str) -> Bytes {
-    let mut head = BytesMut::with_capacity(32 + message.len());
-    if structured {
-        codec::encode_error_chunk(&mut head, handle, error, message);
-    } else {
-        codec::encode_simple_reply(&mut head, handle, error);
+fn reply_to(session: &Session, request: &Request) -> ReplyTo {
+    ReplyTo {
+        framing: session.framing,
+        handle: request.handle,
+        offset: request.offset,
     }
+}
+
+fn error_reply(to: ReplyTo, error: u32, message: &str) -> Bytes {
+    let mut head = BytesMut::with_capacity(wire::EXTENDED_HEADER_LEN + 6 + message.len());
+    codec::encode_error_reply(&mut head, to, error, message);
     head.freeze()
 }
 
-fn ok_reply(handle: u64, structured: bool) -> Bytes {
-    let mut head = BytesMut::with_capacity(20);
-    if structured {
-        codec::encode_done_chunk(&mut head, handle);
-    } else {
-        codec::encode_simple_reply(&mut head, handle, 0);
-    }
+fn ok_reply(to: ReplyTo) -> Bytes {
+    let mut head = BytesMut::with_capacity(wire::EXTENDED_HEADER_LEN);
+    codec::encode_ok_reply(&mut head, to);
     head.freeze()
 }
 
@@ -216,11 +225,11 @@ async fn execute(
     cache_piece: usize,
 ) -> (Bytes, Option<PooledBuf>) {
     let backend = &session.export.backend;
-    let structured = session.structured;
+    let to = reply_to(session, &request);
     let fua = request.flags & cmd_flags::FUA != 0;
     let handle = request.handle;
     let offset = request.offset;
-    let length = u64::from(request.length);
+    let length = request.length;
     let result = match request.command {
         cmd::READ => {
             let mut data = (request.length > 0).then(|| pool.take(request.length as usize));
@@ -230,14 +239,9 @@ async fn execute(
             };
             match read {
                 Ok(()) => {
-                    let mut head = BytesMut::with_capacity(32);
-                    if !structured {
-                        codec::encode_simple_reply(&mut head, handle, 0);
-                    } else if request.length == 0 {
-                        codec::encode_done_chunk(&mut head, handle);
-                    } else {
-                        codec::encode_offset_data_header(&mut head, handle, offset, request.length);
-                    }
+                    let mut head = BytesMut::with_capacity(wire::EXTENDED_HEADER_LEN + 8);
+                    // At most `max_request` (checked), so it fits a chunk's 32-bit length.
+                    codec::encode_read_reply_header(&mut head, to, request.length as u32);
                     return (head.freeze(), data);
                 }
                 Err(err) => Err(err),
@@ -265,10 +269,11 @@ async fn execute(
         cmd::CACHE => cache(backend, offset, length, pool, cache_piece).await,
         cmd::BLOCK_STATUS => {
             let one = request.flags & cmd_flags::REQ_ONE != 0;
-            match block_status(backend, offset, length, one).await {
-                Ok(extents) => {
-                    let mut head = BytesMut::with_capacity(24 + 8 * extents.len());
-                    codec::encode_block_status_chunk(&mut head, handle, wire::BASE_ALLOCATION_ID, &extents);
+            match block_status(backend, offset, length, one, session.framing).await {
+                Ok(descriptors) => {
+                    let mut head =
+                        BytesMut::with_capacity(wire::EXTENDED_HEADER_LEN + 8 + 16 * descriptors.len());
+                    codec::encode_block_status_reply(&mut head, to, wire::BASE_ALLOCATION_ID, &descriptors);
                     return (head.freeze(), None);
                 }
                 Err(err) => Err(err),
@@ -277,42 +282,47 @@ async fn execute(
         _ => unreachable!("checked by check_request"),
     };
     match result {
-        Ok(()) => (ok_reply(handle, structured), None),
+        Ok(()) => (ok_reply(to), None),
         Err(err) => {
             let error = errno::from_os(err.errno());
             let message = format!("{} failed: {err}", wire::command_name(request.command));
             tracing::debug!(handle, %message, "request failed");
-            (error_reply(handle, structured, error, &message), None)
+            (error_reply(to, error, &message), None)
         }
     }
 }
 
 /// Descriptors one block status reply carries at most (the protocol asks for at most 2^20).
 const MAX_DESCRIPTORS: usize = 1 << 16;
-/// Longest descriptor: a 32-bit length, kept a multiple of 4 KiB.
-const MAX_DESCRIPTOR: u64 = u32::MAX as u64 & !4095;
 
-/// `base:allocation` descriptors `(length, flags)` for `length` bytes at `offset`, from the
-/// backend's extents: holes read as zeros, so they are `HOLE | ZERO`; data is 0.
+/// `base:allocation` descriptors for `length` bytes at `offset`, from the backend's extents:
+/// holes read as zeros, so they are `HOLE | ZERO`; data is 0. Each descriptor is at most the
+/// longest length the framing expresses (32 bits unless extended headers are in use), kept a
+/// multiple of 4 KiB.
 async fn block_status(
     backend: &SharedBackend,
     offset: u64,
     length: u64,
     one: bool,
-) -> r3map_core::Result<Vec<(u32, u32)>> {
+    framing: Framing,
+) -> r3map_core::Result<Vec<StatusDescriptor>> {
+    let max_descriptor = framing.max_length() & !4095;
     let mut descriptors = Vec::new();
     let mut left = length;
     for extent in backend.extents(offset, length).await? {
-        let flags = match extent.allocation {
+        let status = u64::from(match extent.allocation {
             Allocation::Hole => wire::state::HOLE | wire::state::ZERO,
             Allocation::Data => 0,
-        };
+        });
         // A backend that over-reports is cut to the request.
         let mut len = extent.len.min(left);
         left -= len;
         while len > 0 && descriptors.len() < MAX_DESCRIPTORS {
-            let piece = len.min(MAX_DESCRIPTOR);
-            descriptors.push((piece as u32, flags));
+            let piece = len.min(max_descriptor);
+            descriptors.push(StatusDescriptor {
+                length: piece,
+                status,
+            });
             len -= piece;
         }
         if one || left == 0 || descriptors.len() >= MAX_DESCRIPTORS {
@@ -322,7 +332,10 @@ async fn block_status(
     descriptors.truncate(if one { 1 } else { MAX_DESCRIPTORS });
     if descriptors.is_empty() {
         // Status 0 ("allocated, contents unknown") is always allowed.
-        descriptors.push((length.min(MAX_DESCRIPTOR) as u32, 0));
+        descriptors.push(StatusDescriptor {
+            length: length.min(max_descriptor),
+            status: 0,
+        });
     }
     Ok(descriptors)
 }
@@ -371,7 +384,7 @@ pub(super) async fn transmission(
 ) -> Result<(), ConnectionError> {
     tracing::debug!(
         export = %session.export.name,
-        structured = session.structured,
+        framing = ?session.framing,
         "client entered transmission"
     );
     let session = Arc::new(session);
@@ -382,7 +395,7 @@ pub(super) async fn transmission(
     let count = Arc::new(Semaphore::new(state.max_in_flight));
     let bytes = Arc::new(Semaphore::new(state.max_in_flight_bytes));
     let pool = &state.pool;
-    let mut decoder = RequestDecoder::new(state.max_request);
+    let mut decoder = RequestDecoder::for_framing(state.max_request, session.framing);
     let mut result = Ok(());
     let stop = 'read: loop {
         loop {
@@ -400,15 +413,10 @@ pub(super) async fn transmission(
             let follows = request.payload == Payload::Follows;
             if let Err(refusal) = check_request(&request, &session, state.max_request) {
                 if follows {
-                    decoder.discard(u64::from(request.length));
+                    decoder.discard(request.length);
                 }
                 tracing::debug!(handle = request.handle, message = %refusal.message, "request refused");
-                let head = error_reply(
-                    request.handle,
-                    session.structured,
-                    refusal.error,
-                    &refusal.message,
-                );
+                let head = error_reply(reply_to(&session, &request), refusal.error, &refusal.message);
                 let out = Outgoing {
                     head,
                     data: None,
@@ -449,7 +457,7 @@ pub(super) async fn transmission(
                     // Received but not started: answered like every later request.
                     refuse_for_shutdown(&tx, &session, &request).await;
                     if follows {
-                        decoder.discard(u64::from(request.length));
+                        decoder.discard(request.length);
                     }
                     break 'read Stop::Shutdown;
                 }
@@ -580,8 +588,7 @@ async fn shutting_down(shutdown: &watch::Receiver<bool>) {
 /// Answers `request` with `ESHUTDOWN` (best effort: the writer may be gone).
 async fn refuse_for_shutdown(tx: &mpsc::Sender<Outgoing>, session: &Session, request: &Request) {
     let head = error_reply(
-        request.handle,
-        session.structured,
+        reply_to(session, request),
         errno::ESHUTDOWN,
         "the server is shutting down",
     );
@@ -594,8 +601,8 @@ async fn refuse_for_shutdown(tx: &mpsc::Sender<Outgoing>, session: &Session, req
 }
 
 /// Bytes a `NBD_CMD_CACHE` of `length` reads at once.
-fn cache_piece(state: &State, length: u32) -> usize {
-    (length as usize).min(CACHE_PIECE).min(state.max_request as usize)
+fn cache_piece(state: &State, length: u64) -> usize {
+    length.min(CACHE_PIECE as u64).min(u64::from(state.max_request)) as usize
 }
 
 /// Polls `future` once from the calling task.
