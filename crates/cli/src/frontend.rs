@@ -10,6 +10,7 @@ use r3map_core::SharedBackend;
 use r3map_fuse::{DiskMount, FileMount};
 
 use crate::commands::slice_server::SliceServer;
+use crate::metrics::{Exporter, Role};
 
 /// How the resource appears to applications.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -43,8 +44,17 @@ pub enum Mounted {
 }
 
 impl Mounted {
-    pub async fn open(frontend: Frontend, backend: SharedBackend, target: &Path, name: &str) -> Result<Self> {
+    /// Offers `backend` through `frontend`; its requests (and a slice region's faults) are
+    /// counted in `metrics`.
+    pub async fn open(
+        frontend: Frontend,
+        backend: SharedBackend,
+        target: &Path,
+        name: &str,
+        metrics: &Exporter,
+    ) -> Result<Self> {
         let runtime = tokio::runtime::Handle::current();
+        let backend = metrics.meter(backend, Role::frontend);
         Ok(match frontend {
             Frontend::File => Mounted::File(FileMount::mount(backend, target, name, runtime)?),
             Frontend::Disk => Mounted::Disk(DiskMount::open(backend, target, name, runtime)?),
@@ -59,7 +69,8 @@ impl Mounted {
             Frontend::Slice => Mounted::Slice(Some(SliceServer::start(
                 backend,
                 target,
-                tokio::runtime::Handle::current(),
+                runtime,
+                metrics.fault_observer(),
             )?)),
         })
     }

@@ -5,6 +5,7 @@
 mod commands;
 mod demo;
 mod frontend;
+mod metrics;
 mod progress;
 mod remote;
 mod shutdown;

@@ -325,6 +325,7 @@ fn reconnect_races_dropped_connections() {
             request_timeout: Duration::from_secs(60),
             initial_backoff: Duration::from_millis(1),
             max_backoff: Duration::from_millis(5),
+            ..ReconnectOptions::default()
         };
         let remote = Arc::new(Reconnecting::connect(connector, reconnect_options).await.unwrap());
         let drop_connections = {

@@ -105,6 +105,7 @@ fn options(timeout_ms: u64) -> ReconnectOptions {
         request_timeout: Duration::from_millis(timeout_ms),
         initial_backoff: Duration::from_millis(5),
         max_backoff: Duration::from_millis(20),
+        ..ReconnectOptions::default()
     }
 }
 
@@ -174,10 +175,13 @@ async fn a_remote_that_stays_down_fails_requests_after_the_timeout() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_failing_requests_cause_one_reconnect() {
     let server = Server::new(1 << 20);
-    let remote = Arc::new(
-        Reconnecting::connect(server.connector(), options(10_000))
-            .await
-            .unwrap(),
+    let options = options(10_000);
+    let reconnects = options.reconnects.clone();
+    let remote = Arc::new(Reconnecting::connect(server.connector(), options).await.unwrap());
+    assert_eq!(
+        reconnects.load(Ordering::SeqCst),
+        0,
+        "the first connection is no reconnect"
     );
     server.go_down();
     server.come_up();
@@ -194,6 +198,11 @@ async fn many_failing_requests_cause_one_reconnect() {
         server.connects.load(Ordering::SeqCst),
         2,
         "one initial connection and one reconnect"
+    );
+    assert_eq!(
+        reconnects.load(Ordering::SeqCst),
+        1,
+        "the reconnect counter counts the one reconnect"
     );
 }
 

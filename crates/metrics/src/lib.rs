@@ -20,6 +20,7 @@ pub use metered::{Metered, Role};
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 use parking_lot::Mutex;
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
@@ -34,7 +35,8 @@ use catalog::Kind;
 /// Labels of the backend metrics.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BackendLabels {
-    /// `remote` (what this process fetches and pushes) or `export` (what it serves).
+    /// `remote` (what this process fetches and pushes), `export` (what it serves) or
+    /// `frontend` (what applications ask for).
     pub role: Role,
     /// `read`, `write`, `sync`, `trim` or `write_zeroes`.
     pub op: Op,
@@ -70,15 +72,37 @@ fn latency_buckets() -> impl Iterator<Item = f64> {
     exponential_buckets(20e-6, 2.0, 22)
 }
 
+/// How a counted request ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Done,
+    Failed,
+    /// Failed because the other side did not answer in time.
+    TimedOut,
+}
+
+impl Outcome {
+    /// The outcome of a backend request.
+    pub fn of<T>(result: &r3map_core::Result<T>) -> Self {
+        match result {
+            Ok(_) => Outcome::Done,
+            Err(r3map_core::Error::Timeout(_)) => Outcome::TimedOut,
+            Err(_) => Outcome::Failed,
+        }
+    }
+}
+
 /// The metrics of one process.
 pub struct Metrics {
+    /// Itself, for refreshers that need the registry (see [`Metrics::on_scrape`]).
+    weak: std::sync::Weak<Metrics>,
     registry: Mutex<Registry>,
     refreshers: Mutex<Vec<Box<dyn Fn() + Send + Sync>>>,
-    pub(crate) backend_bytes: Family<BackendLabels, Counter>,
-    pub(crate) backend_requests: Family<BackendLabels, Counter>,
-    pub(crate) backend_errors: Family<BackendLabels, Counter>,
-    pub(crate) backend_timeouts: Family<BackendLabels, Counter>,
-    pub(crate) backend_latency: Family<BackendLabels, Histogram>,
+    backend_bytes: Family<BackendLabels, Counter>,
+    backend_requests: Family<BackendLabels, Counter>,
+    backend_errors: Family<BackendLabels, Counter>,
+    backend_timeouts: Family<BackendLabels, Counter>,
+    backend_latency: Family<BackendLabels, Histogram>,
     /// Time from a page fault to its pages being installed (slice frontend).
     pub fault_latency: Histogram,
     /// Current migration phase: 1 for the phase the process is in, 0 for the others.
@@ -96,8 +120,13 @@ impl std::fmt::Debug for Metrics {
 impl Metrics {
     /// A registry with every fixed metric of the catalog registered.
     pub fn new() -> Arc<Self> {
+        Arc::new_cyclic(|weak| Self::with_fixed(weak.clone()))
+    }
+
+    fn with_fixed(weak: std::sync::Weak<Metrics>) -> Self {
         let latency = || Histogram::new(latency_buckets());
         let metrics = Self {
+            weak,
             registry: Mutex::new(Registry::default()),
             refreshers: Mutex::new(Vec::new()),
             backend_bytes: Family::default(),
@@ -152,7 +181,7 @@ impl Metrics {
                 metrics.sync_bytes.clone(),
             );
         }
-        Arc::new(metrics)
+        metrics
     }
 
     /// A counter of the catalog whose value is read from `value` at every scrape (it must never
@@ -166,12 +195,7 @@ impl Metrics {
         );
         let counter = Counter::<u64>::default();
         register(&mut self.registry.lock(), name, counter.clone());
-        let seen = AtomicU64::new(0);
-        self.refreshers.lock().push(Box::new(move || {
-            let now = value();
-            let before = seen.swap(now, Ordering::Relaxed);
-            counter.inc_by(now.saturating_sub(before));
-        }));
+        self.follow_counter(counter, value);
     }
 
     /// A gauge of the catalog whose value is read from `value` at every scrape.
@@ -193,6 +217,61 @@ impl Metrics {
         register(&mut self.registry.lock(), name, gauge.clone());
         self.refreshers.lock().push(Box::new(move || {
             gauge.set(value());
+        }));
+    }
+
+    /// Counts one request under `role` and `op` that started at `started`: `bytes` are
+    /// counted only when it succeeded, a timeout also as a timeout.
+    pub fn record(&self, role: Role, op: Op, bytes: u64, started: Instant, outcome: Outcome) {
+        let labels = BackendLabels { role, op };
+        self.backend_requests.get_or_create(&labels).inc();
+        self.backend_latency
+            .get_or_create(&labels)
+            .observe(started.elapsed().as_secs_f64());
+        match outcome {
+            Outcome::Done => {
+                self.backend_bytes.get_or_create(&labels).inc_by(bytes);
+            }
+            Outcome::Failed => {
+                self.backend_errors.get_or_create(&labels).inc();
+            }
+            Outcome::TimedOut => {
+                self.backend_errors.get_or_create(&labels).inc();
+                self.backend_timeouts.get_or_create(&labels).inc();
+            }
+        }
+    }
+
+    /// Bytes of delta file sync in `direction` (`sent`, `received`), read from `value` at
+    /// every scrape (it must never decrease).
+    pub fn sync_bytes_from(&self, direction: &str, value: impl Fn() -> u64 + Send + Sync + 'static) {
+        let counter = self
+            .sync_bytes
+            .get_or_create(&DirectionLabels {
+                direction: direction.to_string(),
+            })
+            .clone();
+        self.follow_counter(counter, value);
+    }
+
+    /// Runs `refresh` before every scrape (for values that are set, not read, such as the
+    /// migration phase).
+    pub fn on_scrape(&self, refresh: impl Fn(&Metrics) + Send + Sync + 'static) {
+        let metrics = self.weak.clone();
+        self.refreshers.lock().push(Box::new(move || {
+            if let Some(metrics) = metrics.upgrade() {
+                refresh(&metrics);
+            }
+        }));
+    }
+
+    /// Makes `counter` follow the increases of `value` at every scrape.
+    fn follow_counter(&self, counter: Counter, value: impl Fn() -> u64 + Send + Sync + 'static) {
+        let seen = AtomicU64::new(0);
+        self.refreshers.lock().push(Box::new(move || {
+            let now = value();
+            let before = seen.swap(now, Ordering::Relaxed);
+            counter.inc_by(now.saturating_sub(before));
         }));
     }
 

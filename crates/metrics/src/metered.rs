@@ -7,9 +7,9 @@ use std::time::Instant;
 
 use async_trait::async_trait;
 use prometheus_client::encoding::EncodeLabelValue;
-use r3map_core::{Backend, Error, Extent, Result};
+use r3map_core::{Backend, Extent, Result};
 
-use crate::{BackendLabels, Metrics, Op};
+use crate::{Metrics, Op, Outcome};
 
 /// Which side of the process a metered backend is.
 #[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
@@ -19,6 +19,8 @@ pub enum Role {
     remote,
     /// What this process serves to clients.
     export,
+    /// What applications ask for through a frontend (FUSE, a block device, a slice region).
+    frontend,
 }
 
 /// A backend whose traffic is counted.
@@ -40,25 +42,10 @@ impl<B: Backend> Metered<B> {
     }
 
     async fn count<T>(&self, op: Op, bytes: u64, request: impl Future<Output = Result<T>>) -> Result<T> {
-        let labels = BackendLabels { role: self.role, op };
         let started = Instant::now();
         let result = request.await;
-        let m = &self.metrics;
-        m.backend_requests.get_or_create(&labels).inc();
-        m.backend_latency
-            .get_or_create(&labels)
-            .observe(started.elapsed().as_secs_f64());
-        match &result {
-            Ok(_) => {
-                m.backend_bytes.get_or_create(&labels).inc_by(bytes);
-            }
-            Err(err) => {
-                m.backend_errors.get_or_create(&labels).inc();
-                if matches!(err, Error::Timeout(_)) {
-                    m.backend_timeouts.get_or_create(&labels).inc();
-                }
-            }
-        }
+        self.metrics
+            .record(self.role, op, bytes, started, Outcome::of(&result));
         result
     }
 }

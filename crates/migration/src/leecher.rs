@@ -105,6 +105,27 @@ pub struct CompleteReport {
     pub verified_chunks: u64,
 }
 
+/// A leecher's progress, readable without the leecher (see [`Leecher::status_reader`]).
+#[derive(Clone)]
+pub struct StatusReader {
+    status: Arc<Mutex<LeecherStatus>>,
+    synced: Arc<Synced>,
+}
+
+impl StatusReader {
+    /// Progress now.
+    pub fn status(&self) -> LeecherStatus {
+        let mut status = self.status.lock().clone();
+        status.local_chunks = self.synced.local_count();
+        status
+    }
+
+    /// Chunks fetched from the seeder so far (including re-pulls).
+    pub fn fetched_chunks(&self) -> u64 {
+        self.synced.fetch_count()
+    }
+}
+
 type AppStack = Gate<Arc<Arbitrary<Arc<Synced>>>>;
 
 /// The destination of a migration.
@@ -118,7 +139,7 @@ pub struct Leecher {
     stack: Arc<TrackedStack>,
     puller: Puller,
     options: LeecherOptions,
-    status: Mutex<LeecherStatus>,
+    status: Arc<Mutex<LeecherStatus>>,
     phase: watch::Sender<LeecherPhase>,
 }
 
@@ -157,13 +178,13 @@ impl Leecher {
         )?;
         let (phase, _) = watch::channel(LeecherPhase::Pulling);
         Ok(Self {
-            status: Mutex::new(LeecherStatus {
+            status: Arc::new(Mutex::new(LeecherStatus {
                 phase: LeecherPhase::Pulling,
                 local_chunks: 0,
                 total_chunks: layout.chunk_count(),
                 rounds: Vec::new(),
                 repulled: 0,
-            }),
+            })),
             link,
             session,
             info,
@@ -204,9 +225,16 @@ impl Leecher {
 
     /// Progress so far.
     pub fn status(&self) -> LeecherStatus {
-        let mut status = self.status.lock().clone();
-        status.local_chunks = self.synced.local_count();
-        status
+        self.status_reader().status()
+    }
+
+    /// Reads the progress on demand, also after this leecher became a seeder or was dropped
+    /// (metrics read it at every scrape).
+    pub fn status_reader(&self) -> StatusReader {
+        StatusReader {
+            status: self.status.clone(),
+            synced: self.synced.clone(),
+        }
     }
 
     fn set_phase(&self, phase: LeecherPhase) {

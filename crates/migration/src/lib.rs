@@ -29,6 +29,7 @@ pub use error::{MigrationError, Result};
 pub use hooks::{hook, Hook, SeederHooks};
 pub use leecher::{
     CompleteReport, FinalizeReport, Leecher, LeecherOptions, LeecherPhase, LeecherStatus, RoundPolicy,
+    StatusReader,
 };
 pub use link::{ResourceInfo, SeederLink, SessionId, SyncReport};
 pub use seeder::{tracked_stack, Seeder, SeederPhase, TrackedStack};

@@ -198,22 +198,26 @@ impl ManagedMount {
 
     /// Byte counters every `period`, as a stream (ends when the mount is dropped).
     pub fn progress(&self, period: std::time::Duration) -> futures::stream::BoxStream<'static, MountStats> {
-        let (synced, pusher, chunk_size) = (
-            Arc::downgrade(&self.synced),
-            Arc::downgrade(&self.pusher),
-            self.chunk_size,
-        );
-        let total = self.stack.size();
+        let reader = self.stats_reader();
         futures::stream::unfold(tokio::time::interval(period), move |mut ticks| {
-            let (synced, pusher) = (synced.clone(), pusher.clone());
+            let reader = reader.clone();
             async move {
                 ticks.tick().await;
-                let (synced, pusher) = (synced.upgrade()?, pusher.upgrade()?);
-                let stats = stats_of(&synced, &pusher, chunk_size, total);
-                Some((stats, ticks))
+                Some((reader.stats()?, ticks))
             }
         })
         .boxed()
+    }
+
+    /// Reads this mount's counters on demand without keeping it alive (metrics read them at
+    /// every scrape).
+    pub fn stats_reader(&self) -> StatsReader {
+        StatsReader {
+            synced: Arc::downgrade(&self.synced),
+            pusher: Arc::downgrade(&self.pusher),
+            chunk_size: self.chunk_size,
+            total_bytes: self.stack.size(),
+        }
     }
 
     /// Stops the background pull, then pushes and syncs one last time; returns that sync's
@@ -243,6 +247,28 @@ impl ManagedMount {
     /// Number of chunks fetched from the remote by this mount (not counting cached ones).
     pub fn fetched_chunks(&self) -> u64 {
         self.synced.fetch_count()
+    }
+}
+
+/// A mount's counters, readable while the mount exists (`None` after it is dropped).
+#[derive(Clone)]
+pub struct StatsReader {
+    synced: std::sync::Weak<Synced>,
+    pusher: std::sync::Weak<Pusher>,
+    chunk_size: u64,
+    total_bytes: u64,
+}
+
+impl StatsReader {
+    /// The byte counters now.
+    pub fn stats(&self) -> Option<MountStats> {
+        let (synced, pusher) = (self.synced.upgrade()?, self.pusher.upgrade()?);
+        Some(stats_of(&synced, &pusher, self.chunk_size, self.total_bytes))
+    }
+
+    /// Chunks fetched from the remote so far (see [`ManagedMount::fetched_chunks`]).
+    pub fn fetched_chunks(&self) -> Option<u64> {
+        Some(self.synced.upgrade()?.fetch_count())
     }
 }
 

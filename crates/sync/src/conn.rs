@@ -21,11 +21,16 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> AsyncStream for T {}
 /// A boxed stream.
 pub type Stream = Box<dyn AsyncStream>;
 
-/// Bytes read from and written to sockets, shared by all connections that count into it.
+/// Bytes read from and written to sockets, shared by all connections that count into it, and
+/// what those bytes achieved (versions and blocks; counted by receivers and advertisers).
 #[derive(Debug, Default)]
 pub struct Counters {
     pub received: AtomicU64,
     pub sent: AtomicU64,
+    /// Versions published (receiver), or confirmed published by a receiver (advertiser).
+    pub versions: AtomicU64,
+    /// Changed blocks received (receiver) or sent in versions a receiver published (advertiser).
+    pub blocks: AtomicU64,
 }
 
 impl Counters {
@@ -34,6 +39,12 @@ impl Counters {
     }
     pub fn sent(&self) -> u64 {
         self.sent.load(Ordering::Relaxed)
+    }
+    pub fn versions(&self) -> u64 {
+        self.versions.load(Ordering::Relaxed)
+    }
+    pub fn blocks(&self) -> u64 {
+        self.blocks.load(Ordering::Relaxed)
     }
 }
 

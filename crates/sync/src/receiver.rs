@@ -3,6 +3,7 @@
 //! whose blake3 digest checks out. A lost connection is retried; the staging copy keeps what
 //! already arrived, so the transfer resumes instead of starting over.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -213,6 +214,10 @@ async fn session(
         mismatches = 0;
         let changed = replica.resuming();
         replica.publish()?;
+        counters.blocks.fetch_add(blocks, Ordering::Relaxed);
+        if changed {
+            counters.versions.fetch_add(1, Ordering::Relaxed);
+        }
         conn.send(&Message::Published { digest: ours }).await?;
         let round = Published {
             size,

@@ -5,6 +5,7 @@
 use std::fs::File;
 use std::io;
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -280,6 +281,11 @@ impl Source {
             match conn.recv_skip_idle().await? {
                 Message::Published { digest } if digest == plan.digest => {
                     must_answer = false;
+                    let blocks = plan.blocks.len() as u64;
+                    if blocks > 0 || plan.size != their_size {
+                        self.counters.versions.fetch_add(1, Ordering::Relaxed);
+                    }
+                    self.counters.blocks.fetch_add(blocks, Ordering::Relaxed);
                     (self.log)(format!(
                         "receiver {peer} published version {}: {} blocks sent ({} bytes sent by this advertiser meanwhile)",
                         hex8(&digest),

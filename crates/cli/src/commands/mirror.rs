@@ -50,21 +50,22 @@ pub struct Args {
     seed: u64,
     #[command(flatten)]
     remote_options: crate::remote::RemoteArgs,
+    #[command(flatten)]
+    metrics: crate::metrics::MetricsArgs,
 }
 
 pub async fn run(args: Args) -> Result<()> {
+    let metrics = args.metrics.start().await?;
+    let options = metrics.remote_options(args.remote_options.options()?);
     let (remote, remote_name, default_writes) = match &args.remote {
-        Some(spec) => (
-            crate::remote::open(spec, None, &args.remote_options.options()?).await?,
-            spec.clone(),
-            0,
-        ),
+        Some(spec) => (crate::remote::open(spec, None, &options).await?, spec.clone(), 0),
         None => (
             embedded_remote(args.size, args.seed).await?,
             format!("embedded memory:{}", format_bytes(args.size)),
             10,
         ),
     };
+    let remote = metrics.meter(remote, crate::metrics::Role::remote);
     let size = remote.size();
     let cache = match &args.cache {
         Some(spec) => crate::remote::open(spec, Some(size), &args.remote_options.options()?).await?,
@@ -100,6 +101,7 @@ pub async fn run(args: Args) -> Result<()> {
     let mount = ManagedMount::open(remote.clone(), cache, options)
         .await
         .context("cannot open the managed mount")?;
+    metrics.managed_mount(&mount);
     let writes = tokio::spawn(write_workload(
         mount.backend(),
         args.write_percent.unwrap_or(default_writes),

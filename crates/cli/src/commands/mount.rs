@@ -11,6 +11,7 @@ use r3map_mount::{format_bytes, parse_duration, parse_size, ManagedMount, Manage
 use r3map_nbd::{Export, Server, ServerConfig};
 
 use crate::frontend::{Frontend, Mounted};
+use crate::metrics::Role;
 use crate::progress::throughput;
 use crate::shutdown::{self, Holder};
 
@@ -83,6 +84,8 @@ pub struct Args {
     keep_serving: bool,
     #[command(flatten)]
     remote_options: crate::remote::RemoteArgs,
+    #[command(flatten)]
+    metrics: crate::metrics::MetricsArgs,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -94,6 +97,7 @@ enum PullOrder {
 pub async fn run(args: Args) -> Result<()> {
     let mut signals = crate::ShutdownSignals::catch()?;
     args.frontend.check_supported()?;
+    let metrics = args.metrics.start().await?;
     let demo = args.remote.is_none();
     // The demo server lives as long as this function.
     let (uri, demo_export) = match &args.remote {
@@ -104,7 +108,8 @@ pub async fn run(args: Args) -> Result<()> {
             (uri, Some(export))
         }
     };
-    let remote = crate::remote::open(&uri, None, &args.remote_options.options()?).await?;
+    let options = metrics.remote_options(args.remote_options.options()?);
+    let remote = metrics.meter(crate::remote::open(&uri, None, &options).await?, Role::remote);
     let size = remote.size();
     let slice = matches!(args.frontend, Frontend::Slice);
     if slice && demo && !args.hold {
@@ -132,7 +137,9 @@ pub async fn run(args: Args) -> Result<()> {
 
     let started = Instant::now();
     let managed = if args.managed || demo {
-        Some(open_managed(&args, &uri, remote.clone(), size).await?)
+        let mount = open_managed(&args, &uri, remote.clone(), size).await?;
+        metrics.managed_mount(&mount);
+        Some(mount)
     } else {
         None
     };
@@ -140,7 +147,7 @@ pub async fn run(args: Args) -> Result<()> {
         Some(mount) => mount.backend(),
         None => Arc::new(Arbitrary::new(remote.clone(), args.chunk_size)?),
     };
-    let mut mounted = Mounted::open(args.frontend, backend, &target, &args.name).await?;
+    let mut mounted = Mounted::open(args.frontend, backend, &target, &args.name, &metrics).await?;
     let kind = if managed.is_some() { "managed" } else { "direct" };
     eprintln!(
         "mounted {} ({}, {kind}) at {}",

@@ -72,19 +72,22 @@ pub struct Args {
     remote_timeout: std::time::Duration,
     #[command(flatten)]
     stores: crate::remote::StoreArgs,
+    #[command(flatten)]
+    metrics: crate::metrics::MetricsArgs,
 }
 
 pub async fn run(args: Args) -> Result<()> {
     let mut signals = crate::ShutdownSignals::catch()?;
+    let metrics = args.metrics.start().await?;
     let mut exports = Vec::new();
-    let remote = r3map_mount::RemoteOptions {
+    let remote = metrics.remote_options(r3map_mount::RemoteOptions {
         reconnect: r3map_core::stages::ReconnectOptions {
             request_timeout: args.remote_timeout,
             ..Default::default()
         },
         stores: args.stores.credentials()?,
         ..Default::default()
-    };
+    });
     for text in &args.exports {
         let (name, spec) = match text.split_once('=') {
             Some((name, spec)) if !name.contains(':') => (name.to_string(), spec),
@@ -93,6 +96,7 @@ pub async fn run(args: Args) -> Result<()> {
         let backend = crate::remote::open(spec, None, &remote)
             .await
             .with_context(|| format!("cannot open export {name}"))?;
+        let backend = metrics.meter(backend, crate::metrics::Role::export);
         let mut export = Export::new(name, backend).read_only(args.read_only);
         if let Some(description) = &args.description {
             export = export.with_description(description.clone());

@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, Context, Result};
 use r3map_core::SharedBackend;
-use r3map_frontends::slice::{RegionOptions, RemoteRegion, RemoteRequest};
+use r3map_frontends::slice::{FaultObserver, RegionOptions, RemoteRegion, RemoteRequest};
 use r3map_mount::format_bytes;
 use tokio::runtime::Handle;
 
@@ -37,7 +37,13 @@ pub struct SliceServer {
 
 impl SliceServer {
     /// Listens at `path` and serves every program that connects from `backend`.
-    pub fn start(backend: SharedBackend, path: &Path, runtime: Handle) -> Result<Self> {
+    /// Every served fault is timed by `faults`.
+    pub fn start(
+        backend: SharedBackend,
+        path: &Path,
+        runtime: Handle,
+        faults: Option<FaultObserver>,
+    ) -> Result<Self> {
         let listener =
             UnixListener::bind(path).with_context(|| format!("cannot listen on {}", path.display()))?;
         let programs = Programs::default();
@@ -48,9 +54,13 @@ impl SliceServer {
                 let Ok(stream) = stream else { break };
                 let (backend, runtime, programs) =
                     (accept_backend.clone(), runtime.clone(), accept_programs.clone());
+                let options = RegionOptions {
+                    fault_observer: faults.clone(),
+                    ..RegionOptions::default()
+                };
                 let id = next.fetch_add(1, Ordering::Relaxed);
                 std::thread::spawn(move || {
-                    if let Err(err) = serve_program(stream, backend, runtime, &programs, id) {
+                    if let Err(err) = serve_program(stream, backend, runtime, options, &programs, id) {
                         eprintln!("slice: {err:#}");
                     }
                 });
@@ -139,11 +149,11 @@ fn serve_program(
     mut stream: UnixStream,
     backend: SharedBackend,
     runtime: Handle,
+    options: RegionOptions,
     programs: &Programs,
     id: u64,
 ) -> Result<()> {
     let (request, uffd) = RemoteRequest::receive(&stream).context("reading the program's request")?;
-    let options = RegionOptions::default();
     let region = match RemoteRegion::serve(uffd, request, backend.clone(), options) {
         Ok(region) => region,
         Err(err) => {

@@ -144,6 +144,8 @@ struct CommonArgs {
     /// Deadline of every network read and write (keep-alives go out at a third of it)
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     timeout: Duration,
+    #[command(flatten)]
+    metrics: crate::metrics::MetricsArgs,
 }
 
 impl ServerTlsArgs {
@@ -190,11 +192,13 @@ pub async fn run(args: Args) -> Result<()> {
     let mut signals = crate::ShutdownSignals::catch()?;
     match args.role {
         Role::Hub(args) => {
+            let metrics = args.common.metrics.start().await?;
             let tls = args.server_tls.load()?;
             let listener = transport::bind(&args.listen).await?;
             warn_plain("the hub", &tls);
             eprintln!("hub listening on {}", listener.local_addr()?);
             let hub = Hub::new(args.common.timeout, args.server_tls.allow_ids.clone(), log());
+            metrics.sync_counters(&hub.counters);
             tokio::select! {
                 result = hub.serve(listener, tls) => result.context("the hub stopped")?,
                 _ = signals.recv() => eprintln!("stopped: open relays were cut; receivers resume when a hub is back"),
@@ -207,6 +211,7 @@ pub async fn run(args: Args) -> Result<()> {
 }
 
 async fn advertise(args: AdvertiseArgs, signals: &mut crate::ShutdownSignals) -> Result<()> {
+    let metrics = args.common.metrics.start().await?;
     let name = match &args.name {
         Some(name) => name.clone(),
         None => file_name(&args.file)?,
@@ -222,6 +227,7 @@ async fn advertise(args: AdvertiseArgs, signals: &mut crate::ShutdownSignals) ->
     let source = Source::open(config, log())
         .await
         .context("cannot advertise the file")?;
+    metrics.sync_counters(&source.counters);
     let version = source.version();
     eprintln!(
         "hashed {} ({} bytes, {} blocks, version {})",
@@ -265,6 +271,7 @@ async fn advertise(args: AdvertiseArgs, signals: &mut crate::ShutdownSignals) ->
 }
 
 async fn receive_command(args: ReceiveArgs, signals: &mut crate::ShutdownSignals) -> Result<()> {
+    let metrics = args.common.metrics.start().await?;
     let name = match &args.name {
         Some(name) => name.clone(),
         None => file_name(&args.file)?,
@@ -294,6 +301,7 @@ async fn receive_command(args: ReceiveArgs, signals: &mut crate::ShutdownSignals
         );
     }
     let counters = Arc::new(Counters::default());
+    metrics.sync_counters(&counters);
     let log = log();
     let result = tokio::select! {
         result = receive(&config, &mut replica, counters.clone(), &log) => Some(result),

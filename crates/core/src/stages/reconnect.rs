@@ -14,6 +14,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -37,6 +38,9 @@ pub struct ReconnectOptions {
     pub initial_backoff: Duration,
     /// Longest pause between connection attempts.
     pub max_backoff: Duration,
+    /// Counts connections re-established after a loss. Clones of these options share it, so
+    /// a process can add up the reconnects of all its remotes (its metrics do).
+    pub reconnects: Arc<AtomicU64>,
 }
 
 impl Default for ReconnectOptions {
@@ -45,6 +49,7 @@ impl Default for ReconnectOptions {
             request_timeout: Duration::from_secs(30),
             initial_backoff: Duration::from_millis(50),
             max_backoff: Duration::from_secs(5),
+            reconnects: Arc::default(),
         }
     }
 }
@@ -211,6 +216,7 @@ impl Shared {
             match (self.connector)().await {
                 Ok(backend) => {
                     tracing::info!(remote = %self.address, generation, "reconnected to {}", self.address);
+                    self.options.reconnects.fetch_add(1, Ordering::Relaxed);
                     self.link.send_replace(Link::Up { generation, backend });
                     return;
                 }

@@ -102,7 +102,9 @@ impl Inner {
                         .spawn(async move { inner.refill_dropped_page(chunk, page).await });
                 } else if !self.fault_pending.set(chunk) {
                     let inner = self.clone();
-                    self.runtime.spawn(async move { inner.serve_fault(chunk).await });
+                    let started = std::time::Instant::now();
+                    self.runtime
+                        .spawn(async move { inner.serve_fault(chunk, started).await });
                 }
                 false
             }

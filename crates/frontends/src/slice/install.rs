@@ -43,14 +43,20 @@ impl Inner {
     /// Serves a missing fault on a chunk that is not installed: fetches and installs it. When
     /// that fails, the chunk is poisoned (SIGBUS) or the fetch is retried until it works, as
     /// [`FailedFetch`] says; the faulting threads are never woken to zeros.
-    pub(super) async fn serve_fault(self: Arc<Self>, chunk: u64) {
+    /// `started` is when the fault's event was read (for the fault observer).
+    pub(super) async fn serve_fault(self: Arc<Self>, chunk: u64, started: std::time::Instant) {
         let mut pause = RETRY_FIRST;
         loop {
             let result = self.ensure(chunk).await;
             if self.closing.load(Ordering::Acquire) {
                 break;
             }
-            let Err(err) = result else { break };
+            let Err(err) = result else {
+                if let Some(observer) = &self.fault_observer {
+                    (observer.0)(started.elapsed());
+                }
+                break;
+            };
             match self.failed_fetch {
                 FailedFetch::Sigbus => {
                     self.fail_chunk(chunk, err);

@@ -56,7 +56,9 @@ use r3map_core::Error;
 
 use crate::uffd::UffdError;
 
-pub use options::{FailedFetch, MemoryKind, RegionOptions, TrackingMode, WriteTracking, DEFAULT_CHUNK_SIZE};
+pub use options::{
+    FailedFetch, FaultObserver, MemoryKind, RegionOptions, TrackingMode, WriteTracking, DEFAULT_CHUNK_SIZE,
+};
 pub use region::{Region, RegionHandle};
 pub use remote::{RemoteRegion, RemoteRequest};
 

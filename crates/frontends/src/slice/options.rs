@@ -1,5 +1,6 @@
 //! Region settings and write-tracking modes.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Default chunk size: 256 KiB (see docs/benchmarks.md).
@@ -75,6 +76,19 @@ pub struct RegionOptions {
     /// Pretend the kernel lacks these `UFFD_FEATURE_*` bits: exercises the fallbacks and the
     /// refusals of older kernels on one that has everything (tests). Normally 0.
     pub ignore_features: u64,
+    /// Told how long each served missing fault took, from reading its event to waking its
+    /// threads with the chunk installed (metrics). Not told of faults that failed.
+    pub fault_observer: Option<FaultObserver>,
+}
+
+/// Receives the duration of every served fault (see [`RegionOptions::fault_observer`]).
+#[derive(Clone)]
+pub struct FaultObserver(pub Arc<dyn Fn(Duration) + Send + Sync>);
+
+impl std::fmt::Debug for FaultObserver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FaultObserver")
+    }
 }
 
 impl Default for RegionOptions {
@@ -88,6 +102,7 @@ impl Default for RegionOptions {
             detect_zero_chunks: true,
             fetch_threads: 2,
             ignore_features: 0,
+            fault_observer: None,
         }
     }
 }

@@ -31,6 +31,7 @@ pub(super) struct Inner {
     pub(super) fetch_timeout: Option<Duration>,
     pub(super) failed_fetch: FailedFetch,
     pub(super) detect_zero: bool,
+    pub(super) fault_observer: Option<super::FaultObserver>,
 
     pub(super) installed: AtomicBitmap,
     pub(super) fault_pending: AtomicBitmap,
@@ -231,6 +232,7 @@ impl Inner {
             fetch_timeout: options.fetch_timeout,
             failed_fetch: options.failed_fetch,
             detect_zero: options.detect_zero_chunks,
+            fault_observer: options.fault_observer.clone(),
             installed: AtomicBitmap::new(chunks),
             fault_pending: AtomicBitmap::new(chunks),
             poisoned: AtomicBitmap::new(chunks),

@@ -66,6 +66,8 @@ pub struct Args {
     link: LinkArgs,
     #[command(flatten)]
     onward: OnwardArgs,
+    #[command(flatten)]
+    metrics: crate::metrics::MetricsArgs,
 }
 
 pub async fn run(args: Args) -> Result<()> {
@@ -84,8 +86,9 @@ pub async fn run(args: Args) -> Result<()> {
     if memory_only && args.frontend.is_none() && args.then_seed.is_none() {
         bail!("nothing would keep the migrated resource: give --to SPEC (e.g. file:/var/tmp/copy.img), a --frontend, or --then-seed");
     }
+    let metrics = args.metrics.start().await?;
     let started = Instant::now();
-    let link = transport::connect(&args.seeder, &args.link).await?;
+    let link = metrics.seeder_link(transport::connect(&args.seeder, &args.link).await?);
     let info = link.info().await.context("cannot reach the seeder")?;
     let local: SharedBackend = to
         .open_with(Some(info.size), &Default::default())
@@ -101,6 +104,7 @@ pub async fn run(args: Args) -> Result<()> {
         ..LeecherOptions::default()
     };
     let leecher = Leecher::open(link, local.clone(), options).await?;
+    metrics.leecher(&leecher);
     eprintln!(
         "leeching {} ({} in {} chunks of {}) into {}",
         args.seeder,
@@ -111,7 +115,7 @@ pub async fn run(args: Args) -> Result<()> {
     );
     let mut mounted = match (args.frontend, &args.target) {
         (Some(frontend), Some(target)) => {
-            let mounted = Mounted::open(frontend, leecher.backend(), target, &args.name).await?;
+            let mounted = Mounted::open(frontend, leecher.backend(), target, &args.name, &metrics).await?;
             eprintln!(
                 "the application here reaches the resource at {} (its I/O waits until finalize)",
                 mounted.path().display()
@@ -145,6 +149,7 @@ pub async fn run(args: Args) -> Result<()> {
             return Err(err);
         }
     };
+    metrics.finalized(&finalized);
     eprintln!(
         "finalized: {} dirty chunks pulled first; downtime {:.1} ms (at most {:.1} ms by this host's clock); this copy is authoritative",
         finalized.dirty_chunks,
@@ -166,6 +171,7 @@ pub async fn run(args: Args) -> Result<()> {
 
     if let Some(address) = &args.then_seed {
         let seeder = leecher.into_seeder(SeederHooks::default())?;
+        metrics.seeder(&seeder);
         let listening = transport::serve(seeder.clone(), address, &(&args.onward).into()).await?;
         eprintln!("seeding onward at {}", listening.uri());
         let outcome = super::seed::follow(&seeder, signals).await;

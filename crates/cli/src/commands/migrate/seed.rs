@@ -58,6 +58,8 @@ pub struct Args {
     listen: String,
     #[command(flatten)]
     serve: ServeArgs,
+    #[command(flatten)]
+    metrics: crate::metrics::MetricsArgs,
 }
 
 pub async fn run(args: Args) -> Result<()> {
@@ -68,6 +70,7 @@ pub async fn run(args: Args) -> Result<()> {
             bail!("--frontend {frontend:?} needs a TARGET (a directory, or a socket path for slice)");
         }
     }
+    let metrics = args.metrics.start().await?;
     let resource = crate::remote::open(&args.resource, None, &Default::default()).await?;
     let size = resource.size();
     let application = match (args.pid, &args.pid_file, &args.suspend, &args.resume) {
@@ -84,8 +87,9 @@ pub async fn run(args: Args) -> Result<()> {
         None => application,
     };
     let seeder = Seeder::new(resource.clone(), args.chunk_size, hooks)?;
+    metrics.seeder(&seeder);
     if let (Some(frontend), Some(target)) = (args.frontend, &args.target) {
-        let mounted = Mounted::open(frontend, seeder.backend(), target, &args.name).await?;
+        let mounted = Mounted::open(frontend, seeder.backend(), target, &args.name, &metrics).await?;
         eprintln!(
             "the application reaches the resource at {}",
             mounted.path().display()
