@@ -342,6 +342,7 @@ fn sync_counts_versions_blocks_and_bytes_on_every_side() {
         "127.0.0.1:0",
     ]);
     let advertiser_metrics = metrics_addr(&mut advertiser, LONG);
+    advertiser.wait_for("advertising source.bin", LONG);
     let mut receiver = Proc::start(&[
         "sync",
         "receive",
@@ -388,4 +389,67 @@ fn sync_counts_versions_blocks_and_bytes_on_every_side() {
     assert!(receiver.terminate(LONG));
     assert!(advertiser.terminate(LONG));
     assert!(hub.terminate(LONG));
+}
+
+/// A direct mount whose server is killed: a read times out (counted as a timeout of the
+/// remote), and once a server is back on the same address the mount reconnects once.
+#[test]
+fn timeouts_and_reconnects_of_a_lost_remote_are_counted() {
+    if !have_fuse() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("remote.img");
+    let content = pattern(8, 4 << 20);
+    std::fs::write(&image, &content).unwrap();
+    let export = format!("disk=file:{}", image.display());
+    let listen = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap().to_string()
+    };
+    let (server, uri) = serve(&export, &listen, &[]);
+    let mnt = dir.path().join("mnt");
+    let mut mount = Proc::start(&[
+        "mount",
+        &uri,
+        mnt.to_str().unwrap(),
+        "--remote-timeout",
+        "1s",
+        "--metrics",
+        "127.0.0.1:0",
+    ]);
+    let path = mounted_path(&mount.wait_for("mounted ", LONG));
+    let addr = metrics_addr(&mut mount, LONG);
+    let file = std::fs::File::open(&path).unwrap();
+    let mut buf = vec![0u8; 4096];
+    file.read_exact_at(&mut buf, 0).unwrap();
+    let before = Scrape::get(&addr);
+    assert_eq!(before.value("r3map_reconnects_total", &[]), 0.0);
+    let timeouts = [("role", "remote"), ("op", "read")];
+    assert_eq!(before.get_value("r3map_backend_timeouts_total", &timeouts), None);
+
+    server.kill();
+    let err = file.read_exact_at(&mut buf, 2 << 20).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(5), "{err}");
+    let down = Scrape::get(&addr);
+    assert!(
+        down.value("r3map_backend_timeouts_total", &timeouts) >= 1.0,
+        "{}",
+        down.text
+    );
+    assert!(down.value("r3map_backend_errors_total", &timeouts) >= 1.0);
+    assert_eq!(
+        down.value("r3map_reconnects_total", &[]),
+        0.0,
+        "nothing to reconnect to yet"
+    );
+
+    let (server, _) = serve(&export, &listen, &[]);
+    file.read_exact_at(&mut buf, 3 << 20).unwrap();
+    assert!(buf == content[3 << 20..(3 << 20) + 4096]);
+    let back = Scrape::get(&addr);
+    assert_eq!(back.value("r3map_reconnects_total", &[]), 1.0, "{}", back.text);
+    drop(file);
+    assert!(mount.terminate(LONG));
+    assert!(server.terminate(LONG));
 }
