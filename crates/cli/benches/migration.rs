@@ -1,8 +1,9 @@
 //! Live migration downtime against stop-and-copy: an in-process seeder whose application
 //! keeps writing, served over gRPC behind the delay proxy, and a leecher, in one run.
 //!
-//! Run: `cargo bench -p r3map-cli --bench migration [-- SIZE_MIB]` (default 1024). Prints a
-//! markdown table, and CSV rows (prefix `csv,`) for `scripts/plot-migration.py`.
+//! Run: `cargo bench -p r3map-cli --bench migration [-- SIZE_MIB [WRITES_PER_SECOND]]`
+//! (default 1024 MiB, 1000 writes/s). Prints a markdown table, and CSV rows (prefix `csv,`)
+//! for `scripts/plot-migration.py`.
 //!
 //! Modes, each on a fresh seeder of the same resource:
 //! - stop-and-copy: the application is suspended, everything is copied, then it could resume
@@ -26,7 +27,7 @@ use tokio::sync::watch;
 const CHUNK: u64 = 1 << 20;
 const RTTS_MS: [u64; 2] = [0, 25];
 const HOT_PERMILLE: [u64; 3] = [1, 10, 100];
-/// The application's steady write rate (4 KiB blocks per second).
+/// The application's default steady write rate (4 KiB blocks per second).
 const WRITES_PER_SECOND: u64 = 1000;
 const MAX_ROUNDS: u32 = 10;
 
@@ -64,6 +65,8 @@ struct Writer {
     /// Becomes true once the writer has made its last write.
     stopped: watch::Sender<bool>,
     written: AtomicU64,
+    /// Writes per second.
+    rate: u64,
 }
 
 impl Writer {
@@ -91,7 +94,7 @@ impl Writer {
                 return;
             }
             self.written.fetch_add(1, Ordering::Relaxed);
-            let due = started + Duration::from_secs_f64((n + 1) as f64 / WRITES_PER_SECOND as f64);
+            let due = started + Duration::from_secs_f64((n + 1) as f64 / self.rate as f64);
             tokio::time::sleep_until(due.into()).await;
         }
     }
@@ -99,11 +102,16 @@ impl Writer {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    let size_mib: u64 = std::env::args()
+    let numbers: Vec<u64> = std::env::args()
         .skip(1)
-        .find(|a| a != "--bench")
-        .and_then(|a| a.parse().ok())
-        .unwrap_or(1024);
+        .filter(|a| a != "--bench")
+        .map(|a| {
+            a.parse()
+                .expect("usage: migration [SIZE_MIB [WRITES_PER_SECOND]]")
+        })
+        .collect();
+    let size_mib = numbers.first().copied().unwrap_or(1024);
+    let rate = numbers.get(1).copied().unwrap_or(WRITES_PER_SECOND);
     let size = size_mib << 20;
     let resource: SharedBackend = Arc::new(MemoryBackend::new(size));
     // Incompressible-enough, non-zero content (zero chunks would travel for free).
@@ -115,7 +123,7 @@ async fn main() {
         resource.write_at(offset, &piece).await.unwrap();
     }
     println!(
-        "# live migration vs stop-and-copy ({size_mib} MiB, {} KiB chunks, writer {WRITES_PER_SECOND} x 4 KiB/s)\n",
+        "# live migration vs stop-and-copy ({size_mib} MiB, {} KiB chunks, writer {rate} x 4 KiB/s)\n",
         CHUNK >> 10
     );
     println!("| RTT | hot chunks | mode | downtime | total | writes | dirty at finalize | rounds (dirty per round) |");
@@ -128,7 +136,7 @@ async fn main() {
                 if mode == Mode::StopAndCopy && i > 0 {
                     continue;
                 }
-                let row = run(resource.clone(), size, rtt, permille, mode).await;
+                let row = run(resource.clone(), size, rtt, permille, mode, rate).await;
                 let hot = if mode == Mode::StopAndCopy {
                     "-".to_string()
                 } else {
@@ -164,7 +172,7 @@ async fn main() {
     }
 }
 
-async fn run(resource: SharedBackend, size: u64, rtt: u64, permille: u64, mode: Mode) -> Row {
+async fn run(resource: SharedBackend, size: u64, rtt: u64, permille: u64, mode: Mode, rate: u64) -> Row {
     let chunks = size / CHUNK;
     let hot_count = (chunks * permille / 1000).max(1);
     // Spread over the resource, so the pull meets them everywhere.
@@ -202,6 +210,7 @@ async fn run(resource: SharedBackend, size: u64, rtt: u64, permille: u64, mode: 
         suspended: AtomicBool::new(false),
         stopped: watch::channel(false).0,
         written: AtomicU64::new(0),
+        rate,
     });
     let _ = writer_cell.set(writer.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -12,14 +12,12 @@
 //! until it is killed; the migration's seeder stops it (SIGSTOP) at finalize, so what the
 //! destination must hold is exactly the state at that moment.
 
-use std::io::{Read, Write};
-use std::os::fd::AsFd;
+use std::io::Write;
 use std::os::unix::fs::FileExt;
-use std::os::unix::net::UnixStream;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use r3map_frontends::slice::RemoteRequest;
-use r3map_frontends::uffd::{Mapping, Uffd};
+use r3map_frontends::slice::hand_over;
 
 const BLOCK: usize = 4096;
 
@@ -84,21 +82,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let len: usize = args[3].parse()?;
             let rate: u64 = args[4].parse()?;
             let hot: usize = args[5].parse()?;
-            let mut sock = UnixStream::connect(&args[2])?;
-            let mut memory = Mapping::anonymous(len)?;
-            let uffd = Uffd::create()?;
-            RemoteRequest {
-                addr: memory.addr(),
-                len: len as u64,
-                pid: std::process::id() as i32,
-            }
-            .send(&sock, uffd.as_fd())?;
-            drop(uffd); // r3map holds it now
-            let mut answer = [0u8; 1];
-            sock.read_exact(&mut answer)?;
-            if answer[0] != 0 {
-                return Err("r3map refused to serve this memory".into());
-            }
+            let (mut memory, _served_while_open) = hand_over(Path::new(&args[2]), len)?;
             let memory = memory.as_mut_slice();
             write_forever(len, hot, rate, |offset, block| {
                 memory[offset..offset + block.len()].copy_from_slice(block);

@@ -11,11 +11,9 @@
 //! prints it. With nobody serving, that read must raise SIGBUS, never show zeros.
 
 use std::io::{Read, Write};
-use std::os::fd::AsFd;
-use std::os::unix::net::UnixStream;
+use std::path::Path;
 
-use r3map_frontends::slice::RemoteRequest;
-use r3map_frontends::uffd::{Mapping, Uffd};
+use r3map_frontends::slice::hand_over;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
@@ -23,21 +21,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         return Err("usage: slice_client SOCKET BYTES [OFFSET=TEXT]...".into());
     }
     let len: usize = args[2].parse()?;
-    let mut sock = UnixStream::connect(&args[1])?;
-    let mut memory = Mapping::anonymous(len)?;
-    let uffd = Uffd::create()?;
-    RemoteRequest {
-        addr: memory.addr(),
-        len: len as u64,
-        pid: std::process::id() as i32,
-    }
-    .send(&sock, uffd.as_fd())?;
-    drop(uffd); // r3map holds it now
-    let mut answer = [0u8; 1];
-    sock.read_exact(&mut answer)?;
-    if answer[0] != 0 {
-        return Err("r3map refused to serve this memory".into());
-    }
+    let (mut memory, mut sock) = hand_over(Path::new(&args[1]), len)?;
     let hold = args.get(3).and_then(|a| a.strip_prefix("--hold="));
     let edits = &args[if hold.is_some() { 4 } else { 3 }..];
     if hold.is_none() {
@@ -59,6 +43,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         return Ok(());
     }
     sock.write_all(b"S")?;
+    let mut answer = [0u8; 1];
     sock.read_exact(&mut answer)?;
     if answer[0] != 0 {
         return Err("r3map could not write the changes back".into());

@@ -149,6 +149,25 @@ fn seed_with_writer(
     (seeder, uri, writer)
 }
 
+/// [`seed_with_writer`] for the usual case: `src.img` of `size` in `dir`, served through a
+/// file frontend at `dir/mnt`, written by the writer at `rate` blocks per second within `hot`
+/// bytes (0: all of it). Returns the seeder, its URI, the writer and the source's path.
+fn seed_file_with_writer(dir: &Path, size: &str, rate: u32, hot: u64) -> (Proc, String, Proc, PathBuf) {
+    let src = dir.join("src.img");
+    let mnt = dir.join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let resource = format!("file:{}?size={size}", src.display());
+    let (seeder, uri, writer) = seed_with_writer(dir, &resource, "file", &mnt, |path| {
+        vec![
+            "file".into(),
+            path.display().to_string(),
+            rate.to_string(),
+            hot.to_string(),
+        ]
+    });
+    (seeder, uri, writer, src)
+}
+
 /// The thesis' use: a file that an application keeps writing (through the FUSE frontend)
 /// moves to another "host"; the destination holds exactly the state at the suspend, the
 /// re-pulled chunks show the writes during the migration were caught, and the source's
@@ -159,18 +178,8 @@ fn a_file_that_is_being_written_migrates_with_precopy_rounds() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let (src, dest) = (dir.path().join("src.img"), dir.path().join("dest.img"));
-    let mnt = dir.path().join("mnt");
-    std::fs::create_dir(&mnt).unwrap();
-    let resource = format!("file:{}?size=1GiB", src.display());
-    let (mut seeder, uri, writer) = seed_with_writer(dir.path(), &resource, "file", &mnt, |path| {
-        vec![
-            "file".into(),
-            path.display().to_string(),
-            "1000".into(),
-            HOT.to_string(),
-        ]
-    });
+    let dest = dir.path().join("dest.img");
+    let (mut seeder, uri, writer, src) = seed_file_with_writer(dir.path(), "1GiB", 1000, HOT);
     let lines = leech_into(&uri, &dest, &["--rounds", "4", "--verify"]);
     seeder.wait_for("migration complete", LONG);
     assert!(seeder.wait_exit(LONG), "the seeder failed");
@@ -252,18 +261,8 @@ fn a_leecher_killed_before_finalize_leaves_the_seeder_serving_the_next_one() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let (src, dest) = (dir.path().join("src.img"), dir.path().join("dest.img"));
-    let mnt = dir.path().join("mnt");
-    std::fs::create_dir(&mnt).unwrap();
-    let resource = format!("file:{}?size=256MiB", src.display());
-    let (mut seeder, uri, writer) = seed_with_writer(dir.path(), &resource, "file", &mnt, |path| {
-        vec![
-            "file".into(),
-            path.display().to_string(),
-            "500".into(),
-            HOT.to_string(),
-        ]
-    });
+    let dest = dir.path().join("dest.img");
+    let (mut seeder, uri, writer, src) = seed_file_with_writer(dir.path(), "256MiB", 500, HOT);
     // A slow link keeps the first leecher pulling until it is killed.
     let (_proxy, proxied) = slow_link(&uri, "1MiB");
     let doomed_dest = dir.path().join("doomed.img");
@@ -298,18 +297,8 @@ fn abort_resumes_the_source_and_the_leecher_never_takes_over() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let (src, dest) = (dir.path().join("src.img"), dir.path().join("dest.img"));
-    let mnt = dir.path().join("mnt");
-    std::fs::create_dir(&mnt).unwrap();
-    let resource = format!("file:{}?size=256MiB", src.display());
-    let (mut seeder, uri, writer) = seed_with_writer(dir.path(), &resource, "file", &mnt, |path| {
-        vec![
-            "file".into(),
-            path.display().to_string(),
-            "500".into(),
-            HOT.to_string(),
-        ]
-    });
+    let dest = dir.path().join("dest.img");
+    let (mut seeder, uri, writer, _) = seed_file_with_writer(dir.path(), "256MiB", 500, HOT);
     let (_proxy, proxied) = slow_link(&uri, "1MiB");
     let to = format!("file:{}", dest.display());
     let mut leecher = Proc::start(&["migrate", "leech", &format!("grpc://{proxied}"), "--to", &to]);
@@ -387,71 +376,6 @@ fn a_leecher_signalled_twice_during_finalize_aborts_and_the_source_resumes() {
     );
     seeder.wait_for("seeder: serving (no migration)", LONG);
     assert!(resumed.exists(), "the source was not resumed");
-}
-
-/// Signals while the leecher completes: it is authoritative then, so the first signal says
-/// how many chunks are still only at the source, and the second stops it anyway, naming them.
-#[test]
-fn a_leecher_signalled_twice_while_completing_stops_and_names_the_missing_chunks() {
-    if !have_fuse() {
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let dest = dir.path().join("dest.img");
-    let mnt = dir.path().join("mnt");
-    std::fs::create_dir(&mnt).unwrap();
-    let resource = format!("file:{}?size=8MiB", dir.path().join("src.img").display());
-    // Every chunk is written during the pull, so all 8 are in the final dirty list.
-    let (_seeder, uri, writer) = seed_with_writer(dir.path(), &resource, "file", &mnt, |path| {
-        vec![
-            "file".into(),
-            path.display().to_string(),
-            "500".into(),
-            "0".into(),
-        ]
-    });
-    // At 1 MiB/s the dirty chunks take seconds to re-pull; the link then freezes.
-    let (proxy, proxied) = slow_link(&uri, "1MiB");
-    let to = format!("file:{}", dest.display());
-    let mut leecher = Proc::start(&["migrate", "leech", &format!("grpc://{proxied}"), "--to", &to]);
-    let finalized = leecher.wait_for("finalized:", LONG);
-    proxy.signal("STOP");
-    let dirty: u64 = finalized.split_whitespace().nth(1).unwrap().parse().unwrap();
-    assert!(
-        dirty >= 2,
-        "too few dirty chunks to keep the leecher completing: {finalized}"
-    );
-    leecher.signal("TERM");
-    let warning = leecher.wait_for("completing: this copy is authoritative but", LONG);
-    let missing: u64 = warning
-        .split("but ")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no count in {warning:?}"));
-    assert!(missing >= 1, "{warning}");
-    leecher.signal("TERM");
-    // A second signal stops at once: well within one request deadline of the frozen link.
-    assert!(
-        !leecher.wait_exit(Duration::from_secs(20)),
-        "a stopped leecher must exit non-zero"
-    );
-    let stopped = leecher
-        .seen
-        .iter()
-        .find(|line| line.contains("stopped before completion"))
-        .unwrap_or_else(|| panic!("{}", leecher.seen.join("\n")));
-    // Bytes already in the socket buffers may still complete a chunk after the freeze.
-    let never: u64 = stopped
-        .split("completion: ")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no count in {stopped:?}"));
-    assert!((1..=missing).contains(&never), "{stopped}");
-    assert!(stopped.contains("of 8 chunks never arrived"), "{stopped}");
-    proxy.signal("CONT");
-    writer.kill();
 }
 
 /// A seeder with TLS and a bearer token: a leecher without the token, or without trusting the

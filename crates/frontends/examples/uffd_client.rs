@@ -13,11 +13,10 @@
 //! for one more byte and unmaps its memory.
 
 use std::io::{Read, Write};
-use std::os::fd::AsFd;
-use std::os::unix::net::UnixStream;
+use std::path::Path;
 
-use r3map_frontends::slice::RemoteRequest;
-use r3map_frontends::uffd::{page_size, Mapping, Uffd};
+use r3map_frontends::slice::hand_over;
+use r3map_frontends::uffd::page_size;
 
 /// The content the test's server backend holds (same function as tests/common).
 fn pattern_byte(offset: u64) -> u8 {
@@ -33,18 +32,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let len: usize = args[2].parse()?;
     let pages: Vec<usize> = args[3..].iter().map(|p| p.parse()).collect::<Result<_, _>>()?;
 
-    let mut sock = UnixStream::connect(&args[1])?;
-    let mut memory = Mapping::anonymous(len)?;
-    let uffd = Uffd::create()?;
-    RemoteRequest {
-        addr: memory.addr(),
-        len: len as u64,
-        pid: std::process::id() as i32,
-    }
-    .send(&sock, uffd.as_fd())?;
-    drop(uffd); // the server holds it now
-    let mut byte = [0u8; 1];
-    sock.read_exact(&mut byte)?;
+    let (mut memory, mut sock) = hand_over(Path::new(&args[1]), len)?;
 
     let mem = memory.as_mut_slice();
     let mismatches = mem
@@ -57,6 +45,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         mem[p * page + 1] ^= 0xff;
     }
     sock.write_all(&mismatches.to_le_bytes())?;
+    let mut byte = [0u8; 1];
     sock.read_exact(&mut byte)?;
     drop(memory);
     Ok(())

@@ -45,7 +45,8 @@ fn serves_faults_and_tracks_writes_of_another_process() {
     )
     .unwrap();
     assert_eq!(region.tracking_mode(), TrackingMode::AsyncWriteProtect);
-    sock.write_all(&[1]).unwrap();
+    // The answer of `r3map mount --frontend slice`: 0 means served.
+    sock.write_all(&[0]).unwrap();
     let mut mismatches = [0u8; 8];
     sock.read_exact(&mut mismatches).unwrap();
     assert_eq!(

@@ -60,7 +60,7 @@ pub use options::{
     FailedFetch, FaultObserver, MemoryKind, RegionOptions, TrackingMode, WriteTracking, DEFAULT_CHUNK_SIZE,
 };
 pub use region::{Region, RegionHandle};
-pub use remote::{RemoteRegion, RemoteRequest};
+pub use remote::{hand_over, RemoteRegion, RemoteRequest};
 
 /// Why a region could not be set up or a tracking operation failed.
 #[derive(Debug, thiserror::Error)]

@@ -1,9 +1,10 @@
 //! Serving another process' memory: the socket protocol a client uses to hand over its
 //! userfaultfd ([`RemoteRequest`]) and the server side ([`RemoteRegion`]).
 
-use std::io;
-use std::os::fd::{BorrowedFd, OwnedFd};
+use std::io::{self, Read};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
+use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,7 +15,7 @@ use super::handler::Handler;
 use super::region::RegionHandle;
 use super::state::{fetch_runtime, Inner};
 use super::{RegionError, RegionOptions};
-use crate::uffd::{self, Uffd};
+use crate::uffd::{self, Mapping, Uffd};
 
 /// What a client process sends with its userfaultfd: the range to serve and its pid.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,6 +64,33 @@ impl RemoteRequest {
             fd,
         ))
     }
+}
+
+/// Client side, in one step: maps `len` bytes of anonymous memory, connects to the page-fault
+/// server at `socket`, hands it a fresh userfaultfd with a [`RemoteRequest`] for that memory
+/// and waits for its answer. The memory is served once this returns. Keep the socket open
+/// while the memory is in use: the server closes it when it stops serving.
+pub fn hand_over(socket: &Path, len: usize) -> io::Result<(Mapping, UnixStream)> {
+    let mut sock = UnixStream::connect(socket)?;
+    let memory = Mapping::anonymous(len)?;
+    let uffd = Uffd::create().map_err(io::Error::other)?;
+    RemoteRequest {
+        addr: memory.addr(),
+        len: len as u64,
+        pid: std::process::id() as i32,
+    }
+    .send(&sock, uffd.as_fd())?;
+    // The server holds the userfaultfd now.
+    drop(uffd);
+    let mut answer = [0u8; 1];
+    sock.read_exact(&mut answer)?;
+    if answer[0] != 0 {
+        return Err(io::Error::other(format!(
+            "the server at {} refused to serve this memory",
+            socket.display()
+        )));
+    }
+    Ok((memory, sock))
 }
 
 /// Serves page faults for a range of another process' memory (r3map as its page-fault
