@@ -283,3 +283,35 @@ async fn a_silent_server_during_the_handshake_times_out() {
     );
     assert!(matches!(client.unwrap_err(), ClientError::Timeout(_)));
 }
+
+/// The handshake for the kernel's NBD client asks for nothing the kernel cannot speak: the
+/// first option is `NBD_OPT_GO`, and bytes after the handshake are refused.
+#[tokio::test(start_paused = true)]
+async fn the_simple_handshake_asks_only_for_the_export() {
+    for trailing in [false, true] {
+        let (end, mut server) = HostileServer::pair();
+        let script = async {
+            server.greet().await;
+            let (option, _) = server.recv_option().await.unwrap();
+            assert_eq!(option, opt::GO, "no other option before GO");
+            let info = r3map_nbd::codec::info_export_data(1 << 20, Advertised::default().flags);
+            server.reply_option(option, rep::INFO, &info).await;
+            server.reply_option(option, rep::ACK, &[]).await;
+            if trailing {
+                server.send(&testing::simple_reply(1, 0)).await;
+            }
+        };
+        let (info, ()) = tokio::join!(Client::negotiate_simple(end, "", Duration::from_secs(5)), script);
+        if trailing {
+            let err = info.unwrap_err();
+            assert!(
+                err.to_string().contains("after the end of the handshake"),
+                "{err}"
+            );
+        } else {
+            let info = info.unwrap();
+            assert_eq!(info.size, 1 << 20);
+            assert!(!info.structured_replies && !info.extended_headers);
+        }
+    }
+}

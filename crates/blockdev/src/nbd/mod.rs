@@ -2,23 +2,24 @@
 //! process (over socket pairs), or by any NBD server reachable over TCP.
 //!
 //! The kernel only speaks the transmission phase, so each connection is negotiated here
-//! (`handshake`) and then handed over, all at once through generic netlink (`genl`: the kernel
+//! (`connections`, with the r3map-nbd client's handshake) and then handed over, all at once
+//! through generic netlink (`genl`: the kernel
 //! picks a free device itself, so two attaches never race for one) or one by one through
 //! `NBD_SET_SOCK` followed by `NBD_DO_IT` on a thread of its own (the fallback for kernels
 //! without the netlink family; a device another process is configuring answers `EBUSY` and
-//! the next one is tried). Several connections let the kernel's queues run in parallel; the
-//! in-process server advertises `NBD_FLAG_CAN_MULTI_CONN`.
+//! the next one is tried). Several connections let the kernel's queues run in parallel, but
+//! only with a server that advertises `NBD_FLAG_CAN_MULTI_CONN` (the in-process one does);
+//! otherwise one connection is used.
 //!
 //! A server that dies closes its sockets, and the kernel fails the outstanding and later
 //! requests with `EIO`; a server that hangs is cut off after [`NbdOptions::timeout`].
 
+mod connections;
 pub mod genl;
-mod handshake;
 
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -28,16 +29,14 @@ use r3map_nbd::{ConnectionError, Export, ServerConfig, ServerError, Service};
 
 use crate::support::{check_nbd_support, Unsupported};
 use crate::sys::nbd_ioctl;
+pub use connections::Negotiated;
 use genl::{Connect, NbdNetlink};
-pub use handshake::Negotiated;
 
 /// The thread blocked in `NBD_DO_IT` (ioctl method only).
 type DoIt = JoinHandle<io::Result<()>>;
 
 /// The export name the in-process server uses.
 const EXPORT: &str = "r3map";
-/// How long the handshake of one connection may take.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How the kernel NBD client is configured.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -54,7 +53,8 @@ pub enum NbdMethod {
 /// Options of [`NbdDevice::attach`] and [`NbdDevice::attach_remote`].
 #[derive(Debug, Clone)]
 pub struct NbdOptions {
-    /// Connections (kernel queues) to the server; at least 1.
+    /// Connections (kernel queues) to the server; at least 1. More than one only if the server
+    /// advertises `NBD_FLAG_CAN_MULTI_CONN`.
     pub connections: usize,
     /// How to configure the kernel.
     pub method: NbdMethod,
@@ -100,7 +100,13 @@ pub enum NbdError {
     Handshake {
         connection: usize,
         #[source]
-        source: io::Error,
+        source: r3map_nbd::ClientError,
+    },
+    #[error("NBD connection {connection} describes the export as {again:?}, the first one as {first:?}")]
+    Inconsistent {
+        connection: usize,
+        first: Negotiated,
+        again: Negotiated,
     },
     #[error("the export is {size} bytes, smaller than one {block_size}-byte block")]
     TooSmall { size: u64, block_size: u32 },
@@ -175,35 +181,13 @@ impl NbdDevice {
         let method = resolve_method(options.method)?;
         validate(&options)?;
         let service = Service::new(ServerConfig::new(vec![Export::new(EXPORT, backend)]))?;
-        let mut clients = Vec::with_capacity(options.connections);
-        let mut connections = Vec::with_capacity(options.connections);
-        for _ in 0..options.connections {
-            let (client, server) = UnixStream::pair().map_err(kernel("socketpair"))?;
-            server.set_nonblocking(true).map_err(kernel("socketpair"))?;
-            let server = tokio::net::UnixStream::from_std(server).map_err(kernel("socketpair"))?;
-            let service = service.clone();
-            connections.push(tokio::spawn(async move {
-                let outcome = service.serve_stream(server).await;
-                if let Err(err) = &outcome {
-                    tracing::warn!("NBD connection of the kernel client ended: {err}");
-                }
-                outcome
-            }));
-            clients.push(client);
-        }
-        let server = LocalServer { service, connections };
-        let negotiated = blocking(move || {
-            let mut sockets = Vec::with_capacity(clients.len());
-            let mut negotiated = None;
-            for (connection, mut client) in clients.into_iter().enumerate() {
-                let info = negotiate_with_timeout(&mut client, EXPORT, |s, t| s.set_read_timeout(t))
-                    .map_err(|source| NbdError::Handshake { connection, source })?;
-                negotiated = Some(info);
-                sockets.push(OwnedFd::from(client));
-            }
-            Ok((sockets, negotiated.expect("at least one connection")))
-        })
-        .await;
+        let mut server = LocalServer {
+            service,
+            connections: Vec::with_capacity(options.connections),
+        };
+        let negotiated =
+            connections::open_connections(options.connections, EXPORT, || std::future::ready(server.pair()))
+                .await;
         let (sockets, negotiated) = match negotiated {
             Ok(done) => done,
             Err(err) => {
@@ -229,26 +213,7 @@ impl NbdDevice {
     pub async fn attach_remote(addr: &str, options: NbdOptions) -> Result<Self, NbdError> {
         let method = resolve_method(options.method)?;
         validate(&options)?;
-        let addr = addr.to_owned();
-        let export = options.export_name.clone();
-        let count = options.connections;
-        let (sockets, negotiated) = blocking(move || {
-            let mut sockets = Vec::with_capacity(count);
-            let mut negotiated = None;
-            for connection in 0..count {
-                let mut stream = std::net::TcpStream::connect(&addr).map_err(|source| NbdError::Connect {
-                    addr: addr.clone(),
-                    source,
-                })?;
-                stream.set_nodelay(true).map_err(kernel("TCP_NODELAY"))?;
-                let info = negotiate_with_timeout(&mut stream, &export, |s, t| s.set_read_timeout(t))
-                    .map_err(|source| NbdError::Handshake { connection, source })?;
-                negotiated = Some(info);
-                sockets.push(OwnedFd::from(stream));
-            }
-            Ok((sockets, negotiated.expect("at least one connection")))
-        })
-        .await?;
+        let (sockets, negotiated) = open_remote(addr, &options).await?;
         Self::connect(sockets, negotiated, method, &options).await
     }
 
@@ -422,7 +387,30 @@ impl Drop for NbdDevice {
     }
 }
 
+/// Negotiates the connections of [`NbdDevice::attach_remote`] (one without
+/// `NBD_FLAG_CAN_MULTI_CONN`).
+async fn open_remote(addr: &str, options: &NbdOptions) -> Result<(Vec<OwnedFd>, Negotiated), NbdError> {
+    connections::open_connections(options.connections, &options.export_name, || {
+        connections::connect_tcp(addr)
+    })
+    .await
+}
+
 impl LocalServer {
+    /// A socket pair whose server end this server serves; the client end, for the handshake.
+    fn pair(&mut self) -> Result<tokio::net::UnixStream, NbdError> {
+        let (client, server) = tokio::net::UnixStream::pair().map_err(kernel("socketpair"))?;
+        let service = self.service.clone();
+        self.connections.push(tokio::spawn(async move {
+            let outcome = service.serve_stream(server).await;
+            if let Err(err) = &outcome {
+                tracing::warn!("NBD connection of the kernel client ended: {err}");
+            }
+            outcome
+        }));
+        Ok(client)
+    }
+
     fn abort(self) {
         self.service.shutdown();
         for connection in self.connections {
@@ -457,19 +445,6 @@ fn validate(options: &NbdOptions) -> Result<(), NbdError> {
         )));
     }
     Ok(())
-}
-
-/// Negotiates with a read timeout that is removed again afterwards: the kernel's receives on
-/// the socket would inherit it.
-fn negotiate_with_timeout<S: io::Read + io::Write>(
-    stream: &mut S,
-    export: &str,
-    set_timeout: impl Fn(&S, Option<Duration>) -> io::Result<()>,
-) -> io::Result<Negotiated> {
-    set_timeout(stream, Some(HANDSHAKE_TIMEOUT))?;
-    let negotiated = handshake::negotiate(stream, export)?;
-    set_timeout(stream, None)?;
-    Ok(negotiated)
 }
 
 /// Whether `/dev/nbd{index}` has a connection (the kernel shows the `pid` attribute then).
@@ -604,77 +579,134 @@ fn ioctl_setup(
 #[cfg(test)]
 mod tests {
     use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
     use std::sync::Arc;
 
     use r3map_core::{Backend, MemoryBackend};
     use r3map_nbd::wire::{cmd, transmission_flags, REQUEST_MAGIC, SIMPLE_REPLY_MAGIC};
+    use r3map_nbd::{ListenAddr, Server};
 
     use super::*;
 
-    fn service(backend: SharedBackend) -> Service {
-        Service::new(ServerConfig::new(vec![Export::new(EXPORT, backend)])).unwrap()
+    fn local(export: Export) -> LocalServer {
+        LocalServer {
+            service: Service::new(ServerConfig::new(vec![export])).unwrap(),
+            connections: Vec::new(),
+        }
     }
 
-    /// After the handshake the socket is in the transmission phase, exactly where the kernel
-    /// takes over: a raw NBD read request gets the backend's bytes.
+    /// After the handshake each socket is in the transmission phase, blocking, exactly where
+    /// the kernel takes over: a raw compact NBD read request gets a simple reply with the
+    /// backend's bytes.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn handshake_leaves_the_socket_ready_for_the_kernel() {
+    async fn handshake_leaves_the_sockets_ready_for_the_kernel() {
         let backend = Arc::new(MemoryBackend::new(1 << 20));
         backend.write_at(8192, b"kernel-visible").await.unwrap();
-        let service = service(backend.clone());
-        let (mut client, server) = UnixStream::pair().unwrap();
-        server.set_nonblocking(true).unwrap();
-        let server = tokio::net::UnixStream::from_std(server).unwrap();
-        let serving = tokio::spawn(async move { service.serve_stream(server).await });
-        let data = tokio::task::spawn_blocking(move || {
-            let info = negotiate_with_timeout(&mut client, EXPORT, |s, t| s.set_read_timeout(t)).unwrap();
-            assert_eq!(info.size, 1 << 20);
-            let flags = info.transmission_flags;
-            assert_ne!(flags & transmission_flags::HAS_FLAGS, 0);
-            assert_ne!(flags & transmission_flags::SEND_FLUSH, 0);
-            assert_ne!(flags & transmission_flags::CAN_MULTI_CONN, 0);
-            assert_eq!(
-                client.read_timeout().unwrap(),
-                None,
-                "the handshake timeout is removed"
-            );
-            let mut request = Vec::new();
-            request.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
-            request.extend_from_slice(&0u16.to_be_bytes());
-            request.extend_from_slice(&cmd::READ.to_be_bytes());
-            request.extend_from_slice(&42u64.to_be_bytes());
-            request.extend_from_slice(&8192u64.to_be_bytes());
-            request.extend_from_slice(&14u32.to_be_bytes());
-            client.write_all(&request).unwrap();
-            let mut reply = [0u8; 16 + 14];
-            client.read_exact(&mut reply).unwrap();
-            assert_eq!(
-                u32::from_be_bytes(reply[0..4].try_into().unwrap()),
-                SIMPLE_REPLY_MAGIC
-            );
-            assert_eq!(u32::from_be_bytes(reply[4..8].try_into().unwrap()), 0, "no error");
-            assert_eq!(u64::from_be_bytes(reply[8..16].try_into().unwrap()), 42);
-            reply[16..].to_vec()
-        })
-        .await
-        .unwrap();
-        assert_eq!(data, b"kernel-visible");
-        serving.abort();
+        let mut server = local(Export::new(EXPORT, backend.clone()));
+        let (sockets, negotiated) =
+            connections::open_connections(3, EXPORT, || std::future::ready(server.pair()))
+                .await
+                .unwrap();
+        assert_eq!(negotiated.size, 1 << 20);
+        let flags = negotiated.transmission_flags;
+        assert_ne!(flags & transmission_flags::HAS_FLAGS, 0);
+        assert_ne!(flags & transmission_flags::SEND_FLUSH, 0);
+        assert_ne!(flags & transmission_flags::CAN_MULTI_CONN, 0);
+        assert_eq!(sockets.len(), 3);
+        assert_eq!(server.connections.len(), 3);
+        for (i, socket) in sockets.into_iter().enumerate() {
+            let handle = 40 + i as u64;
+            let data = tokio::task::spawn_blocking(move || {
+                let mut client = UnixStream::from(socket);
+                let mut request = Vec::new();
+                request.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
+                request.extend_from_slice(&0u16.to_be_bytes());
+                request.extend_from_slice(&cmd::READ.to_be_bytes());
+                request.extend_from_slice(&handle.to_be_bytes());
+                request.extend_from_slice(&8192u64.to_be_bytes());
+                request.extend_from_slice(&14u32.to_be_bytes());
+                client.write_all(&request).unwrap();
+                let mut reply = [0u8; 16 + 14];
+                client.read_exact(&mut reply).unwrap();
+                assert_eq!(
+                    u32::from_be_bytes(reply[0..4].try_into().unwrap()),
+                    SIMPLE_REPLY_MAGIC
+                );
+                assert_eq!(u32::from_be_bytes(reply[4..8].try_into().unwrap()), 0, "no error");
+                assert_eq!(u64::from_be_bytes(reply[8..16].try_into().unwrap()), handle);
+                reply[16..].to_vec()
+            })
+            .await
+            .unwrap();
+            assert_eq!(data, b"kernel-visible");
+        }
+        server.abort();
     }
 
+    /// Without `NBD_FLAG_CAN_MULTI_CONN` only one connection is opened, however many were asked
+    /// for (the in-process server and a remote one over TCP).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn several_connections_only_with_can_multi_conn() {
+        for multi_conn in [false, true] {
+            let mut export = Export::new(EXPORT, Arc::new(MemoryBackend::new(1 << 20)));
+            export.multi_conn = multi_conn;
+            let mut server = local(export);
+            let (sockets, negotiated) =
+                connections::open_connections(4, EXPORT, || std::future::ready(server.pair()))
+                    .await
+                    .unwrap();
+            let advertised = negotiated.transmission_flags & transmission_flags::CAN_MULTI_CONN != 0;
+            assert_eq!(advertised, multi_conn);
+            let expected = if multi_conn { 4 } else { 1 };
+            assert_eq!(sockets.len(), expected, "multi_conn {multi_conn}");
+            assert_eq!(server.connections.len(), expected, "connections opened");
+            server.abort();
+
+            let mut export = Export::new("remote", Arc::new(MemoryBackend::new(1 << 20)));
+            export.multi_conn = multi_conn;
+            let remote = Server::bind_tcp(ServerConfig::new(vec![export]), "127.0.0.1:0")
+                .await
+                .unwrap();
+            let ListenAddr::Tcp(addr) = remote.local_addr().clone() else {
+                panic!("a TCP listener");
+            };
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let serving = tokio::spawn(remote.serve(async move {
+                let _ = stopped.await;
+            }));
+            let options = NbdOptions {
+                connections: 4,
+                export_name: "remote".into(),
+                ..NbdOptions::default()
+            };
+            let (sockets, _) = open_remote(&addr.to_string(), &options).await.unwrap();
+            assert_eq!(sockets.len(), expected, "remote, multi_conn {multi_conn}");
+            drop(sockets);
+            let _ = stop.send(());
+            serving.await.unwrap().unwrap();
+        }
+    }
+
+    /// The handshake is `NBD_OPT_GO`, so a refusal carries the server's message (with
+    /// `NBD_OPT_EXPORT_NAME` the server could only close the connection).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn handshake_for_a_missing_export_names_it() {
-        let service = service(Arc::new(MemoryBackend::new(1 << 20)));
-        let (mut client, server) = UnixStream::pair().unwrap();
-        server.set_nonblocking(true).unwrap();
-        let server = tokio::net::UnixStream::from_std(server).unwrap();
-        tokio::spawn(async move { service.serve_stream(server).await });
-        let err = tokio::task::spawn_blocking(move || {
-            negotiate_with_timeout(&mut client, "nope", |s, t| s.set_read_timeout(t)).unwrap_err()
-        })
-        .await
-        .unwrap();
-        assert!(err.to_string().contains("\"nope\""), "{err}");
+        let mut server = local(Export::new(EXPORT, Arc::new(MemoryBackend::new(1 << 20))));
+        let err = connections::open_connections(2, "nope", || std::future::ready(server.pair()))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                NbdError::Handshake {
+                    connection: 0,
+                    source: r3map_nbd::ClientError::Refused { .. }
+                }
+            ),
+            "{err}"
+        );
+        assert!(err.to_string().contains("no export named \"nope\""), "{err}");
+        server.abort();
     }
 
     #[test]

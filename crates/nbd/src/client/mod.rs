@@ -192,6 +192,34 @@ impl Client {
             .map_err(|_| ClientError::Timeout(format!("export {export:?} over a stream")))?
     }
 
+    /// Runs only the handshake for `export` over `stream`, agreeing on what the Linux kernel's
+    /// NBD client speaks in the transmission phase: compact requests and simple replies (no
+    /// structured replies, extended headers or metadata contexts are asked for). For callers
+    /// that hand the connection to such a peer. The replies get the same checks as with
+    /// [`connect_stream`](Self::connect_stream); a server that sends anything after the
+    /// handshake is refused (the peer would take it for a reply).
+    pub async fn negotiate_simple<S: AsyncStream + 'static>(
+        stream: S,
+        export: &str,
+        timeout: Duration,
+    ) -> Result<ExportInfo, ClientError> {
+        let negotiating = async {
+            let mut negotiation = Negotiation::start(Box::new(stream), None).await?;
+            let info = negotiation.go(export, Framing::Simple).await?;
+            let (_, rest) = negotiation.into_parts();
+            if !rest.is_empty() {
+                return Err(ClientError::Protocol(format!(
+                    "{} bytes after the end of the handshake",
+                    rest.len()
+                )));
+            }
+            Ok(info)
+        };
+        tokio::time::timeout(timeout, negotiating)
+            .await
+            .map_err(|_| ClientError::Timeout(format!("export {export:?} over a stream")))?
+    }
+
     async fn handshake(
         mut negotiation: Negotiation,
         export: &str,
