@@ -23,7 +23,10 @@ use clap::{Parser, Subcommand};
 ///                                       a directory with one file per chunk (N chunk files
 ///                                       kept open at most)
 ///   nbd://HOST:PORT/EXPORT               an NBD server (nbds:// for TLS, nbd+unix:///EXPORT?socket=PATH)
-///   grpc://HOST:PORT/EXPORT              an r3map (or Go r3map) gRPC server (grpcs:// for TLS)
+///   grpc://HOST:PORT/EXPORT[?compress=false][&size=SIZE]
+///                                       an r3map gRPC server (`r3map serve --grpc`; grpcs:// for
+///                                       TLS) or a Go r3map one (give its size); lz4 per chunk
+///                                       unless compress=false
 ///   redis://[USER@]HOST:PORT/PREFIX?size=SIZE[&chunk=SIZE][&db=N][&layout=go|folder]
 ///                                       one key per chunk in Redis (rediss:// for TLS); password
 ///                                       from R3MAP_REDIS_PASSWORD or --redis-password-file

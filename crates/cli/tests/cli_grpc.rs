@@ -137,3 +137,34 @@ fn a_grpc_server_with_a_token_refuses_a_wrong_one_and_serves_the_right_one() {
     assert!(ok, "{stderr}");
     assert!(server.terminate(LONG));
 }
+
+/// A writable gRPC export open to more than the holders of a credential is announced: over TLS
+/// without client authentication, and with a token that travels in plain text.
+#[test]
+fn writable_exports_without_client_authentication_or_tls_are_announced() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ok, _, stderr) = run(&["cert", dir.path().to_str().unwrap()]);
+    assert!(ok, "{stderr}");
+    let (cert, key) = (
+        dir.path().join("server-cert.pem"),
+        dir.path().join("server-key.pem"),
+    );
+    let (mut server, uri) = serve_grpc(
+        "m=memory:1MiB",
+        &[
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+        ],
+    );
+    assert!(uri.starts_with("grpcs://"), "{uri}");
+    server.wait_for_line("over TLS WITHOUT CLIENT AUTHENTICATION", LONG);
+    assert!(server.terminate(LONG));
+
+    let token = dir.path().join("token");
+    std::fs::write(&token, "s3cret\n").unwrap();
+    let (mut server, _) = serve_grpc("m=memory:1MiB", &["--token-file", token.to_str().unwrap()]);
+    server.wait_for_line("WITHOUT TLS: the token travels in plain text", LONG);
+    assert!(server.terminate(LONG));
+}

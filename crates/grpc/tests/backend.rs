@@ -185,6 +185,52 @@ async fn every_extension_call_round_trips() {
     running.stop().await;
 }
 
+/// `GrpcServer::compress(false)` (`r3map serve --no-compress`): text goes raw even to a client
+/// that accepts lz4, zero chunks still go without data, and the data is the same.
+#[tokio::test]
+async fn a_server_with_compression_off_sends_raw_chunks_but_elides_zeros() {
+    let backend = memory(1 << 20);
+    let text = b"compressible text ".repeat(1000);
+    backend.write_at(20_000, &text).await.unwrap();
+    for (compress, want) in [(true, Encoding::Lz4), (false, Encoding::Raw)] {
+        let running =
+            common::serve(GrpcServer::new(vec![Export::new("", backend.clone())]).compress(compress)).await;
+        let mut ext = BackendExtensionClient::connect(format!("http://{}", running.addr()))
+            .await
+            .unwrap();
+        let mut stream = ext
+            .read_chunks(ReadChunksArgs {
+                ranges: vec![
+                    Range {
+                        offset: 0,
+                        length: 4096,
+                    },
+                    Range {
+                        offset: 20_000,
+                        length: 8192,
+                    },
+                ],
+                accept: vec![Encoding::Zero as i32, Encoding::Lz4 as i32],
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let zeros = stream.message().await.unwrap().unwrap();
+        assert_eq!((zeros.encoding, zeros.data.len()), (Encoding::Zero as i32, 0));
+        let chunk = stream.message().await.unwrap().unwrap();
+        assert_eq!(chunk.encoding, want as i32, "compress({compress})");
+        let mut decoded = vec![0u8; 8192];
+        r3map_grpc::chunk::decode_into(&chunk, &mut decoded).unwrap();
+        assert_eq!(&decoded[..], &text[..8192]);
+        assert!(stream.message().await.unwrap().is_none());
+        let client = GrpcBackend::connect(&running.addr(), "", ClientOptions::default())
+            .await
+            .unwrap();
+        assert_eq!(common::contents(&client).await, common::contents(&*backend).await);
+        running.stop().await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_32_mib_chunk_travels_in_one_message() {
     let backend = memory(MAX_CHUNK + 4096);
@@ -370,6 +416,8 @@ fn code<T>(result: Result<tonic::Response<T>, tonic::Status>) -> Code {
 struct Held {
     inner: SharedBackend,
     in_flight: AtomicUsize,
+    /// The most reads ever in flight at once.
+    peak: AtomicUsize,
     entered: Notify,
     release: tokio::sync::Semaphore,
 }
@@ -380,7 +428,8 @@ impl Backend for Held {
         self.inner.size()
     }
     async fn read_at(&self, offset: u64, buf: &mut [u8]) -> r3map_core::Result<()> {
-        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        self.peak.fetch_max(now, Ordering::SeqCst);
         self.entered.notify_waiters();
         let _released = self.release.acquire().await.unwrap();
         self.in_flight.fetch_sub(1, Ordering::SeqCst);
@@ -394,49 +443,97 @@ impl Backend for Held {
     }
 }
 
+impl Held {
+    fn new(size: u64) -> Arc<Self> {
+        Arc::new(Held {
+            inner: memory(size),
+            in_flight: AtomicUsize::new(0),
+            peak: AtomicUsize::new(0),
+            entered: Notify::new(),
+            release: tokio::sync::Semaphore::new(0),
+        })
+    }
+
+    /// Waits until `n` reads are held.
+    async fn wait_for(&self, n: usize) {
+        loop {
+            let entered = self.entered.notified();
+            if self.in_flight.load(Ordering::SeqCst) >= n {
+                return;
+            }
+            entered.await;
+        }
+    }
+}
+
+/// Ten reads against a bound of three: three are held in the backend, the rest wait; once
+/// released, all finish and at no moment were more than three in the backend.
+async fn ten_reads_never_exceed(bound: usize, held: &Held, reads: Vec<tokio::task::JoinHandle<()>>) {
+    held.wait_for(bound).await;
+    // Give a read past the bound the chance to get in (it would be counted by `peak`).
+    for _ in 0..1000 {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(held.in_flight.load(Ordering::SeqCst), bound);
+    held.release.add_permits(100);
+    for read in reads {
+        read.await.unwrap();
+    }
+    assert_eq!(
+        held.peak.load(Ordering::SeqCst),
+        bound,
+        "more calls ran at once than the bound"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_in_flight_are_bounded_server_wide() {
-    let held = Arc::new(Held {
-        inner: memory(1 << 20),
-        in_flight: AtomicUsize::new(0),
-        entered: Notify::new(),
-        release: tokio::sync::Semaphore::new(0),
-    });
+    let held = Held::new(1 << 20);
     let limits = ServerLimits {
         server_wide: 3,
         ..ServerLimits::default()
     };
     let running = common::serve(GrpcServer::new(vec![Export::new("", held.clone())]).limits(limits)).await;
     // One connection per call, so the per-connection bound is not what stops them.
-    let mut tasks = Vec::new();
-    for i in 0..10u64 {
-        let addr = running.addr();
-        tasks.push(tokio::spawn(async move {
-            let client = GrpcBackend::connect(&addr, "", ClientOptions::default())
-                .await
-                .unwrap();
-            let mut buf = vec![0u8; 4096];
-            client.read_at(i * 4096, &mut buf).await.unwrap();
-        }));
-    }
-    while held.in_flight.load(Ordering::SeqCst) < 3 {
-        let entered = held.entered.notified();
-        if held.in_flight.load(Ordering::SeqCst) >= 3 {
-            break;
-        }
-        entered.await;
-    }
-    for _ in 0..1000 {
-        tokio::task::yield_now().await;
-    }
-    assert_eq!(
-        held.in_flight.load(Ordering::SeqCst),
-        3,
-        "more calls ran than the server-wide bound"
+    let reads = (0..10u64)
+        .map(|i| {
+            let addr = running.addr();
+            tokio::spawn(async move {
+                let client = GrpcBackend::connect(&addr, "", ClientOptions::default())
+                    .await
+                    .unwrap();
+                let mut buf = vec![0u8; 4096];
+                client.read_at(i * 4096, &mut buf).await.unwrap();
+            })
+        })
+        .collect();
+    ten_reads_never_exceed(3, &held, reads).await;
+    running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_in_flight_are_bounded_per_connection() {
+    let held = Held::new(1 << 20);
+    let limits = ServerLimits {
+        per_connection: 3,
+        ..ServerLimits::default()
+    };
+    let running = common::serve(GrpcServer::new(vec![Export::new("", held.clone())]).limits(limits)).await;
+    // One client, one connection, ten calls at once.
+    let client = Arc::new(
+        GrpcBackend::connect(&running.addr(), "", ClientOptions::default())
+            .await
+            .unwrap(),
     );
-    held.release.add_permits(100);
-    for task in tasks {
-        task.await.unwrap();
-    }
+    let reads = (0..10u64)
+        .map(|i| {
+            let client = client.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                client.read_at(i * 4096, &mut buf).await.unwrap();
+            })
+        })
+        .collect();
+    ten_reads_never_exceed(3, &held, reads).await;
     running.stop().await;
 }

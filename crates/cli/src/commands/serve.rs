@@ -20,7 +20,12 @@ use r3map_nbd::{Export, Server, ServerConfig, ServerTls};
 ///
 /// With `--grpc ADDR` the same exports are also served over gRPC (`grpc://ADDR/NAME`, or
 /// `grpcs://` when --tls-cert is given: gRPC then always requires TLS), compatible with the Go
-/// r3map's Backend service; --token-file makes gRPC clients send a bearer token.
+/// r3map's Backend service; --token-file makes gRPC clients send a bearer token. gRPC chunks
+/// are sent lz4-compressed where that shrinks them and zero chunks without data; --no-compress
+/// turns lz4 off for what this server sends (clients choose for theirs with ?compress=false).
+/// The limits above hold for gRPC clients too (--max-request per chunk, at most 32 MiB), plus
+/// 64 calls in flight per connection and 256 across all; a writable export served without TLS
+/// and client authentication (a token or --tls-client-ca) is announced with a warning.
 #[derive(Debug, clap::Args)]
 #[command(verbatim_doc_comment)]
 pub struct Args {
@@ -51,12 +56,15 @@ pub struct Args {
     /// Refuse clients that do not start TLS
     #[arg(long, requires = "tls_cert")]
     require_tls: bool,
-    /// Also serve the exports over gRPC at this address (e.g. 127.0.0.1:10810)
-    #[arg(long, value_name = "ADDR")]
+    /// Also serve the exports over gRPC at this address (--grpc alone: 127.0.0.1:10811)
+    #[arg(long, value_name = "ADDR", num_args = 0..=1, default_missing_value = "127.0.0.1:10811")]
     grpc: Option<String>,
     /// File holding the bearer token every gRPC client must send (NBD has no tokens)
     #[arg(long, requires = "grpc")]
     token_file: Option<PathBuf>,
+    /// Send gRPC chunks uncompressed (zero chunks are still sent without data)
+    #[arg(long, requires = "grpc")]
+    no_compress: bool,
     /// Largest request payload accepted
     #[arg(long, default_value = "32MiB", value_parser = parse_size)]
     max_request: u64,
@@ -189,7 +197,15 @@ async fn grpc_server(
             read_only: args.read_only,
         })
         .collect();
-    let mut server = r3map_grpc::GrpcServer::new(grpc_exports);
+    let limits = r3map_grpc::ServerLimits {
+        max_chunk: args.max_request.min(r3map_grpc::limits::MAX_CHUNK),
+        bytes_in_flight: args.memory_budget,
+        connections: args.max_connections,
+        ..r3map_grpc::ServerLimits::default()
+    };
+    let mut server = r3map_grpc::GrpcServer::new(grpc_exports)
+        .limits(limits)
+        .compress(!args.no_compress);
     let scheme = if tls.is_some() { "grpcs" } else { "grpc" };
     if let Some(tls) = tls {
         server = server.tls(tls);

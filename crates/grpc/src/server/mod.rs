@@ -97,21 +97,37 @@ impl GrpcServer {
         self
     }
 
-    /// Warns loudly when anyone who reaches the port can write.
+    /// Warns loudly when writes are open to more than the holders of a credential: without
+    /// TLS, without client authentication (a token or client certificates), or with a token
+    /// that travels in plain text.
     fn warn_if_open(&self, addr: Option<SocketAddr>) {
         let writable = self.exports.iter().any(|e| !e.read_only) || self.seeder.is_some();
-        if writable && self.tls.is_none() && self.token.is_none() {
-            let loopback = addr.is_some_and(|a| a.ip().is_loopback());
-            tracing::warn!(
-                "WARNING: gRPC server on {} accepts writes WITHOUT TLS AND WITHOUT A TOKEN: {}; \
-                 use --tls-cert/--tls-key and --token-file, or --read-only",
-                addr.map_or("?".into(), |a| a.to_string()),
-                if loopback {
-                    "every local user and process can change the data"
-                } else {
-                    "ANYONE WHO REACHES THIS ADDRESS CAN CHANGE THE DATA"
-                }
-            );
+        if !writable {
+            return;
+        }
+        let tls = self.tls.is_some();
+        let mutual = self.tls.as_ref().is_some_and(|tls| tls.is_mutual());
+        let authenticated = self.token.is_some() || mutual;
+        let at = addr.map_or("?".into(), |a| a.to_string());
+        let who = if addr.is_some_and(|a| a.ip().is_loopback()) {
+            "every local user and process can change the data"
+        } else {
+            "ANYONE WHO REACHES THIS ADDRESS CAN CHANGE THE DATA"
+        };
+        match (tls, authenticated) {
+            (false, false) => tracing::warn!(
+                "WARNING: gRPC server on {at} accepts writes WITHOUT TLS AND WITHOUT A TOKEN: {who}; \
+                 use --tls-cert/--tls-key and --token-file, or --read-only"
+            ),
+            (false, true) => tracing::warn!(
+                "WARNING: gRPC server on {at} accepts writes WITHOUT TLS: the token travels in plain \
+                 text, and whoever sees the traffic can use it and read the data; add --tls-cert/--tls-key"
+            ),
+            (true, false) => tracing::warn!(
+                "WARNING: gRPC server on {at} accepts writes over TLS WITHOUT CLIENT AUTHENTICATION: \
+                 {who}; add --token-file or --tls-client-ca, or --read-only"
+            ),
+            (true, true) => {}
         }
     }
 
