@@ -33,6 +33,7 @@ fn options(alignment: u64, seed: u64) -> RaceOptions {
             2 * CHUNK
         },
         seed,
+        refused_writes: false,
     }
 }
 

@@ -35,6 +35,22 @@ pub struct RaceOptions {
     pub max_len: u64,
     /// Seed of the workload (each round of a looped test should use another).
     pub seed: u64,
+    /// A write, zeroing or trim refused with `Error::ReadOnly` (a fenced stage) is taken as one
+    /// that never happened: the model checks that it changed nothing. Off: it fails the race.
+    pub refused_writes: bool,
+}
+
+impl Default for RaceOptions {
+    fn default() -> Self {
+        Self {
+            alignment: 1,
+            tasks: 8,
+            ops_per_task: 150,
+            max_len: 96,
+            seed: 1,
+            refused_writes: false,
+        }
+    }
 }
 
 /// Background work racing the workload, e.g. `|i| synced.fetch(i % chunks)` (a pull) or
@@ -103,8 +119,8 @@ pub async fn check_races(
                 options.ops_per_task,
                 options.max_len,
             );
-            let alignment = options.alignment;
-            tokio::spawn(async move { run_task(&*backend, &clock, alignment, ops).await })
+            let (alignment, refused_writes) = (options.alignment, options.refused_writes);
+            tokio::spawn(async move { run_task(&*backend, &clock, alignment, refused_writes, ops).await })
         })
         .collect();
     let mut history = Vec::new();
@@ -153,6 +169,7 @@ async fn run_task(
     backend: &dyn Backend,
     clock: &AtomicU64,
     alignment: u64,
+    refused_writes: bool,
     ops: Vec<Op>,
 ) -> Result<Vec<Event>, TestCaseError> {
     let size = backend.size();
@@ -185,6 +202,9 @@ async fn run_task(
             Op::Sync | Op::PastEnd { .. } => (backend.sync().await, Vec::new(), false),
         };
         let answered = clock.fetch_add(1, Ordering::SeqCst);
+        if write && refused_writes && matches!(result, Err(crate::Error::ReadOnly)) {
+            continue; // refused: the model sees no write, so any byte it changed is caught
+        }
         result.map_err(|e| TestCaseError::fail(format!("{op:?} at {offset}+{len} failed: {e}")))?;
         events.push(Event {
             op,
