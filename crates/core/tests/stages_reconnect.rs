@@ -127,9 +127,13 @@ async fn requests_during_an_outage_wait_and_succeed_after_it() {
         .collect();
     // Wait until the writers have hit the outage (a reconnect was attempted), then bring the
     // server back.
-    while server.connects.load(Ordering::SeqCst) < 2 {
-        tokio::task::yield_now().await;
-    }
+    tokio::time::timeout(Duration::from_secs(60), async {
+        while server.connects.load(Ordering::SeqCst) < 2 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("the writers never tried to reconnect");
     assert!(!remote.is_connected());
     server.come_up();
     for w in writers {
@@ -162,10 +166,9 @@ async fn a_remote_that_stays_down_fails_requests_after_the_timeout() {
         5,
         "a timeout must reach the kernel as EIO"
     );
-    assert!(
-        elapsed >= Duration::from_millis(250) && elapsed < Duration::from_secs(5),
-        "{elapsed:?}"
-    );
+    // Not before the deadline (timers never fire early); that it returned at all shows that it
+    // does not wait forever (no upper bound: a loaded machine may be late by any amount).
+    assert!(elapsed >= Duration::from_millis(250), "{elapsed:?}");
     assert!(
         server.connects.load(Ordering::SeqCst) > 2,
         "it never retried connecting"

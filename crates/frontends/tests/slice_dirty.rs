@@ -64,16 +64,25 @@ fn exact_tracking(tracking: WriteTracking, expected_mode: TrackingMode) {
 
 #[test]
 fn async_dirty_tracking_is_exact() {
+    if !common::have_userfaultfd() {
+        return;
+    }
     exact_tracking(WriteTracking::Auto, TrackingMode::AsyncWriteProtect);
 }
 
 #[test]
 fn sync_dirty_tracking_fallback_is_exact() {
+    if !common::have_userfaultfd() {
+        return;
+    }
     exact_tracking(WriteTracking::Sync, TrackingMode::SyncWriteProtect);
 }
 
 #[test]
 fn dirty_state_is_per_chunk_and_faulted_writes_count() {
+    if !common::have_userfaultfd() {
+        return;
+    }
     let chunk = 16 * PAGE;
     let mut region = region(64 * 16, chunk, WriteTracking::Auto);
     let mem = region.as_mut_slice();
@@ -88,6 +97,9 @@ fn dirty_state_is_per_chunk_and_faulted_writes_count() {
 
 #[test]
 fn discarded_pages_read_zero_and_count_as_dirty() {
+    if !common::have_userfaultfd() {
+        return;
+    }
     for tracking in [WriteTracking::Auto, WriteTracking::Sync] {
         let chunk = 4 * PAGE;
         let mut region = region(64, chunk, tracking);
@@ -122,6 +134,9 @@ fn discarded_pages_read_zero_and_count_as_dirty() {
 
 #[test]
 fn push_dirty_writes_changed_chunks_back() {
+    if !common::have_userfaultfd() {
+        return;
+    }
     let chunk = 8 * PAGE;
     let memory = Arc::new(MemoryBackend::new(32 * chunk));
     let initial = r3map_core::testing::pattern(3, 32 * chunk as usize);
@@ -149,6 +164,9 @@ fn push_dirty_writes_changed_chunks_back() {
 
 #[test]
 fn tracking_off_refuses_take_dirty() {
+    if !common::have_userfaultfd() {
+        return;
+    }
     let region = region(16, PAGE, WriteTracking::Off);
     assert_eq!(region.tracking_mode(), TrackingMode::Off);
     assert!(region.take_dirty().is_err());
@@ -168,6 +186,9 @@ fn page_present(pagemap: &std::fs::File, addr: u64) -> bool {
 /// first and protected afterwards would let it through unseen.
 #[test]
 fn sync_tracking_sees_a_write_racing_the_install_of_a_zero_chunk() {
+    if !common::have_userfaultfd() {
+        return;
+    }
     let chunk = 512 * PAGE;
     let chunks = 24u64;
     let mut region = Region::new(
@@ -211,6 +232,9 @@ fn sync_tracking_sees_a_write_racing_the_install_of_a_zero_chunk() {
 /// the chunk still comes from the backend. In every tracking mode.
 #[test]
 fn discarding_part_of_a_never_installed_chunk_reads_zeros_there() {
+    if !common::have_userfaultfd() {
+        return;
+    }
     for tracking in [WriteTracking::Off, WriteTracking::Auto, WriteTracking::Sync] {
         let chunk = 4 * PAGE;
         let mut region = region(32, chunk, tracking);
@@ -233,6 +257,9 @@ fn discarding_part_of_a_never_installed_chunk_reads_zeros_there() {
 /// fetched bytes arrive.
 #[test]
 fn a_discard_racing_a_fetch_is_not_undone() {
+    if !common::have_userfaultfd() {
+        return;
+    }
     let chunk = 4 * PAGE;
     let gate = Arc::new(common::GateBackend::new(8 * chunk));
     let mut region = Region::new(

@@ -17,6 +17,9 @@ fn options(chunk_size: u64) -> RegionOptions {
 
 #[test]
 fn fault_fetches_the_whole_chunk_once() {
+    if !common::have_userfaultfd() {
+        return;
+    }
     let chunk = 16 * PAGE;
     let (backend, shared) = shared(PatternBackend::new(4 * chunk));
     let region = Region::new(shared, options(chunk)).unwrap();
@@ -43,6 +46,9 @@ fn fault_fetches_the_whole_chunk_once() {
 
 #[test]
 fn concurrent_faults_on_one_chunk_fetch_it_once() {
+    if !common::have_userfaultfd() {
+        return;
+    }
     let chunk = 64 * PAGE;
     let (backend, shared) = shared(PatternBackend::new(2 * chunk));
     let region = Region::new(shared, options(chunk)).unwrap();
@@ -65,6 +71,9 @@ fn concurrent_faults_on_one_chunk_fetch_it_once() {
 
 #[test]
 fn short_tail_chunk_and_unaligned_size() {
+    if !common::have_userfaultfd() {
+        return;
+    }
     let chunk = 4 * PAGE;
     let size = 3 * chunk + 1000;
     let (backend, shared) = shared(PatternBackend::new(size));
@@ -81,6 +90,9 @@ fn short_tail_chunk_and_unaligned_size() {
 
 #[test]
 fn zero_chunks_are_installed_without_copy() {
+    if !common::have_userfaultfd() {
+        return;
+    }
     let chunk = 8 * PAGE;
     let memory = Arc::new(r3map_core::MemoryBackend::new(4 * chunk));
     let data = r3map_core::testing::pattern(9, chunk as usize);
@@ -100,6 +112,9 @@ fn zero_chunks_are_installed_without_copy() {
 
 #[test]
 fn region_rejects_bad_chunk_sizes() {
+    if !common::have_userfaultfd() {
+        return;
+    }
     let (_, shared1) = shared(PatternBackend::new(1 << 20));
     assert!(Region::new(shared1.clone(), options(1000)).is_err());
     assert!(Region::new(shared1, options(0)).is_err());
@@ -111,6 +126,9 @@ fn region_rejects_bad_chunk_sizes() {
 /// match the model (backend pattern, overlaid with this test's writes).
 #[test]
 fn many_threads_random_pages_of_sparse_region() {
+    if !common::have_userfaultfd() {
+        return;
+    }
     use rand::{Rng, SeedableRng};
     let size = 4u64 << 30;
     let chunk = 16 * PAGE;
@@ -156,6 +174,9 @@ fn many_threads_random_pages_of_sparse_region() {
 
 #[test]
 fn puller_populates_the_region_before_it_is_touched() {
+    if !common::have_userfaultfd() {
+        return;
+    }
     let chunk = 8 * PAGE;
     let count = 64;
     let (backend, shared) = shared(PatternBackend::new(count * chunk));
@@ -177,6 +198,9 @@ fn puller_populates_the_region_before_it_is_touched() {
 /// every chunk is fetched exactly once.
 #[test]
 fn background_population_races_faults() {
+    if !common::have_userfaultfd() {
+        return;
+    }
     let chunk = 4 * PAGE;
     let count = 512;
     let (backend, shared) = shared(PatternBackend::new(count * chunk));
@@ -212,6 +236,9 @@ fn background_population_races_faults() {
 
 #[test]
 fn memfd_region_is_shared_with_other_mappings() {
+    if !common::have_userfaultfd() {
+        return;
+    }
     let chunk = 4 * PAGE;
     let (_, shared) = shared(PatternBackend::new(8 * chunk));
     let region = Region::new(

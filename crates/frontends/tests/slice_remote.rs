@@ -17,6 +17,9 @@ fn client_binary() -> std::path::PathBuf {
 
 #[test]
 fn serves_faults_and_tracks_writes_of_another_process() {
+    if !common::have_userfaultfd() {
+        return;
+    }
     let chunk = 16 * PAGE;
     let len = 64 * chunk;
     let path = std::env::temp_dir().join(format!("r3map-remote-{}.sock", std::process::id()));

@@ -47,6 +47,9 @@ fn region(chunks: u64, chunk: u64) -> Region {
 /// all in place first): with fetches on that runtime nobody would be left to run them.
 #[test]
 fn faults_on_every_worker_of_the_callers_runtime_are_served() {
+    if !common::have_userfaultfd() {
+        return;
+    }
     let workers = 2;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(workers)
@@ -82,6 +85,9 @@ fn faults_on_every_worker_of_the_callers_runtime_are_served() {
 /// The only thread of a current-thread runtime faults while it runs a task.
 #[test]
 fn a_fault_inside_a_current_thread_runtime_is_served() {
+    if !common::have_userfaultfd() {
+        return;
+    }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -106,6 +112,9 @@ fn a_fault_inside_a_current_thread_runtime_is_served() {
 
 #[test]
 fn zero_fetch_threads_are_refused() {
+    if !common::have_userfaultfd() {
+        return;
+    }
     let err = Region::new(
         Arc::new(PatternBackend::new(16 * PAGE)),
         RegionOptions {

@@ -181,14 +181,16 @@ impl Drop for Child {
     }
 }
 
+/// Waits until the server at the socket `path` accepts a connection (the socket file appears
+/// at bind, before the server listens, so its existence proves nothing).
 async fn wait_for(path: &Path) {
-    for _ in 0..500 {
-        if path.exists() {
+    for _ in 0..3000 {
+        if tokio::net::UnixStream::connect(path).await.is_ok() {
             return;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    panic!("{} did not appear", path.display());
+    panic!("nothing accepted connections on {} within 30 s", path.display());
 }
 
 async fn conformance(uri: &str) {
@@ -245,7 +247,8 @@ async fn our_client_against_qemu_nbd() {
     std::fs::write(&image, vec![0u8; SIZE as usize]).unwrap();
     let _qemu = Child(
         Command::new("qemu-nbd")
-            .args(["-f", "raw", "-x", "disk", "-e", "4", "-k"])
+            // --persistent: the readiness probe's connection must not end the server.
+            .args(["-f", "raw", "-x", "disk", "-e", "4", "-t", "-k"])
             .arg(&socket)
             .arg(&image)
             .stdout(Stdio::null())

@@ -104,3 +104,15 @@ pub fn shared<B: Backend>(b: B) -> (Arc<B>, r3map_core::SharedBackend) {
 }
 
 pub const PAGE: u64 = 4096;
+
+/// Whether this kernel offers userfaultfd (the slice frontend's base); when it does not (no
+/// syscall, or `vm.unprivileged_userfaultfd` and no privilege), the test is counted as skipped.
+pub fn have_userfaultfd() -> bool {
+    match r3map_frontends::uffd::Uffd::probe() {
+        Ok(_) => true,
+        Err(err) => {
+            r3map_core::testing::skip(&format!("userfaultfd is unavailable here: {err}"));
+            false
+        }
+    }
+}
