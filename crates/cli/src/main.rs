@@ -7,6 +7,7 @@ mod demo;
 mod frontend;
 mod metrics;
 mod progress;
+mod pull_ranges;
 mod remote;
 mod shutdown;
 

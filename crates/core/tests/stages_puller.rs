@@ -45,6 +45,16 @@ async fn one_worker_pulls_in_priority_order() {
     let layout = ChunkLayout::new(8 * CHUNK, CHUNK).unwrap();
     let first = Priority::ranges_first(layout, vec![5 * CHUNK + 10..5 * CHUNK + 20, 2 * CHUNK..4 * CHUNK]);
     assert_eq!(pull_order(first).await, vec![5, 2, 3, 0, 1, 4, 6, 7]);
+    // Clipped at the end; a chunk in two ranges ranks by the first; an empty range is no range.
+    let clipped = Priority::ranges_first(
+        layout,
+        vec![
+            7 * CHUNK + 1..100 * CHUNK,
+            3 * CHUNK..3 * CHUNK,
+            6 * CHUNK..8 * CHUNK,
+        ],
+    );
+    assert_eq!(pull_order(clipped).await, vec![7, 6, 0, 1, 2, 3, 4, 5]);
     assert_eq!(
         pull_order(Priority::custom(|c| (c % 2) as i64)).await,
         vec![1, 3, 5, 7, 0, 2, 4, 6]

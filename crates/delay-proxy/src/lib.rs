@@ -10,6 +10,8 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -35,6 +37,7 @@ pub struct DelayConfig {
 pub struct DelayProxy {
     local_addr: SocketAddr,
     accept_task: tokio::task::JoinHandle<()>,
+    downstream: Arc<AtomicU64>,
 }
 
 impl DelayProxy {
@@ -42,13 +45,15 @@ impl DelayProxy {
     pub async fn start(listen: SocketAddr, upstream: String, config: DelayConfig) -> io::Result<Self> {
         let listener = TcpListener::bind(listen).await?;
         let local_addr = listener.local_addr()?;
+        let downstream = Arc::new(AtomicU64::new(0));
+        let counter = downstream.clone();
         let accept_task = tokio::spawn(async move {
             loop {
                 match listener.accept().await {
                     Ok((client, peer)) => {
-                        let (upstream, config) = (upstream.clone(), config.clone());
+                        let (upstream, config, counter) = (upstream.clone(), config.clone(), counter.clone());
                         tokio::spawn(async move {
-                            if let Err(err) = proxy_connection(client, &upstream, config).await {
+                            if let Err(err) = proxy_connection(client, &upstream, config, counter).await {
                                 tracing::warn!(%peer, %err, "delayed connection ended with an error");
                             }
                         });
@@ -63,12 +68,19 @@ impl DelayProxy {
         Ok(Self {
             local_addr,
             accept_task,
+            downstream,
         })
     }
 
     /// The address clients connect to.
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// Bytes released from the upstream to clients so far, over all connections (what a client
+    /// of a server behind the proxy has fetched, protocol overhead included).
+    pub fn bytes_downstream(&self) -> u64 {
+        self.downstream.load(Ordering::Relaxed)
     }
 }
 
@@ -78,7 +90,12 @@ impl Drop for DelayProxy {
     }
 }
 
-async fn proxy_connection(client: TcpStream, upstream: &str, config: DelayConfig) -> io::Result<()> {
+async fn proxy_connection(
+    client: TcpStream,
+    upstream: &str,
+    config: DelayConfig,
+    downstream: Arc<AtomicU64>,
+) -> io::Result<()> {
     let server = TcpStream::connect(upstream).await.map_err(|err| {
         io::Error::new(
             err.kind(),
@@ -90,14 +107,33 @@ async fn proxy_connection(client: TcpStream, upstream: &str, config: DelayConfig
     let (client_read, client_write) = client.into_split();
     let (server_read, server_write) = server.into_split();
     let one_way = config.rtt / 2;
-    let upward = tokio::spawn(delayed_copy(client_read, server_write, one_way, config.rate));
-    let downward = tokio::spawn(delayed_copy(server_read, client_write, one_way, config.rate));
+    let upward = tokio::spawn(delayed_copy(
+        client_read,
+        server_write,
+        one_way,
+        config.rate,
+        None,
+    ));
+    let downward = tokio::spawn(delayed_copy(
+        server_read,
+        client_write,
+        one_way,
+        config.rate,
+        Some(downstream),
+    ));
     let (up, down) = (upward.await?, downward.await?);
     up.and(down)
 }
 
-/// Copies `from` to `to`, releasing each piece `delay` after it was read, at most `rate` bytes/s.
-async fn delayed_copy<R, W>(mut from: R, mut to: W, delay: Duration, rate: Option<u64>) -> io::Result<()>
+/// Copies `from` to `to`, releasing each piece `delay` after it was read, at most `rate` bytes/s;
+/// adds what it releases to `delivered`.
+async fn delayed_copy<R, W>(
+    mut from: R,
+    mut to: W,
+    delay: Duration,
+    rate: Option<u64>,
+    delivered: Option<Arc<AtomicU64>>,
+) -> io::Result<()>
 where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin,
@@ -124,6 +160,10 @@ where
             next_free = release + Duration::from_secs_f64(piece.len() as f64 / rate as f64);
         }
         tokio::time::sleep_until(release).await;
+        // Counted before the write, so a client that has read a byte finds it counted.
+        if let Some(delivered) = &delivered {
+            delivered.fetch_add(piece.len() as u64, Ordering::Relaxed);
+        }
         if let Err(err) = to.write_all(&piece).await {
             reader.abort();
             return Err(err);
@@ -145,7 +185,7 @@ mod tests {
     async fn through(data: Vec<u8>, delay: Duration, rate: Option<u64>) -> (Vec<u8>, Duration) {
         let (mut client, proxy_in) = tokio::io::duplex(1 << 20);
         let (proxy_out, mut server) = tokio::io::duplex(1 << 20);
-        let copy = tokio::spawn(delayed_copy(proxy_in, proxy_out, delay, rate));
+        let copy = tokio::spawn(delayed_copy(proxy_in, proxy_out, delay, rate, None));
         let started = Instant::now();
         let writer = tokio::spawn(async move {
             client.write_all(&data).await.unwrap();

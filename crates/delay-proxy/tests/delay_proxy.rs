@@ -106,3 +106,23 @@ async fn reports_an_unreachable_upstream_to_the_client_by_closing() {
     let n = stream.read(&mut buf).await;
     assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counts_the_bytes_it_delivered_to_clients_over_all_connections() {
+    let config = DelayConfig {
+        rtt: Duration::from_millis(10),
+        rate: None,
+    };
+    let upstream = echo_server().await.to_string();
+    let proxy = DelayProxy::start("127.0.0.1:0".parse().unwrap(), upstream, config)
+        .await
+        .unwrap();
+    assert_eq!(proxy.bytes_downstream(), 0);
+    let (first, second) = (vec![1u8; 300_000], vec![2u8; 5]);
+    let (echo, _) = round_trip(proxy.local_addr(), &first).await;
+    assert_eq!(echo, first);
+    // Counted before it is written to the client, so the echo read back is in the count.
+    assert_eq!(proxy.bytes_downstream(), 300_000);
+    round_trip(proxy.local_addr(), &second).await;
+    assert_eq!(proxy.bytes_downstream(), 300_005);
+}

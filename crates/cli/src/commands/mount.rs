@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use r3map_core::stages::{Arbitrary, Priority, PullerOptions, PusherOptions};
-use r3map_core::{Backend, MemoryBackend, SharedBackend};
+use r3map_core::{Backend, ChunkLayout, MemoryBackend, SharedBackend};
 use r3map_mount::{format_bytes, parse_duration, parse_size, ManagedMount, ManagedOptions, PersistentCache};
 use r3map_nbd::{Export, Server, ServerConfig};
 
@@ -63,9 +63,14 @@ pub struct Args {
     /// Concurrent background pulls (managed)
     #[arg(long, default_value_t = 512)]
     pull_workers: usize,
-    /// Pull order (managed)
+    /// Pull order (managed): sequential, reverse, or ranges-first (the byte ranges of
+    /// --pull-ranges first, in the order listed, then the rest from the start)
     #[arg(long, value_enum, default_value_t = PullOrder::Sequential)]
     pull_order: PullOrder,
+    /// File of byte ranges to pull first, one `OFFSET LENGTH` a line (sizes like 4KiB allowed,
+    /// `#` comments), e.g. a database's header and index pages; implies --pull-order ranges-first
+    #[arg(long, value_name = "FILE")]
+    pull_ranges: Option<PathBuf>,
     /// Pull everything before the mount appears (managed)
     #[arg(long)]
     pull_first: bool,
@@ -92,6 +97,7 @@ pub struct Args {
 enum PullOrder {
     Sequential,
     Reverse,
+    RangesFirst,
 }
 
 pub async fn run(args: Args) -> Result<()> {
@@ -305,9 +311,19 @@ async fn finish_demo(mounted: &mut Mounted, mount: ManagedMount, started: Instan
 }
 
 async fn open_managed(args: &Args, uri: &str, remote: SharedBackend, size: u64) -> Result<ManagedMount> {
-    let priority = match args.pull_order {
-        PullOrder::Sequential => Priority::sequential(),
-        PullOrder::Reverse => Priority::reverse(),
+    let priority = match (args.pull_order, &args.pull_ranges) {
+        (PullOrder::Sequential | PullOrder::RangesFirst, Some(path)) => {
+            let ranges = crate::pull_ranges::read(path, size)?;
+            Priority::ranges_first(ChunkLayout::new(size, args.chunk_size)?, ranges)
+        }
+        (PullOrder::RangesFirst, None) => {
+            bail!("--pull-order ranges-first needs --pull-ranges FILE (the byte ranges to pull first)")
+        }
+        (PullOrder::Reverse, Some(_)) => {
+            bail!("--pull-ranges sets the pull order: drop --pull-order reverse")
+        }
+        (PullOrder::Sequential, None) => Priority::sequential(),
+        (PullOrder::Reverse, None) => Priority::reverse(),
     };
     let options = ManagedOptions {
         chunk_size: args.chunk_size,

@@ -44,15 +44,21 @@ impl Priority {
         Self::custom(|chunk| chunk as i64)
     }
     /// Chunks overlapping the given byte ranges first (in the order given), then the rest.
+    /// Ranges past the end are clipped; a chunk in several ranges ranks by the first.
     pub fn ranges_first(layout: ChunkLayout, ranges: Vec<std::ops::Range<u64>>) -> Self {
+        // Ranked once here (the sort asks for every chunk's priority many times).
         let count = ranges.len() as i64;
-        Self::custom(move |chunk| {
-            let bytes = layout.chunk_range(chunk);
-            ranges
-                .iter()
-                .position(|r| r.start < bytes.end && bytes.start < r.end)
-                .map_or(0, |i| count - i as i64)
-        })
+        let mut rank = std::collections::HashMap::new();
+        for (i, range) in ranges.iter().enumerate() {
+            let end = range.end.min(layout.size());
+            if range.start >= end {
+                continue;
+            }
+            for chunk in layout.chunks_touching(range.start, end - range.start) {
+                rank.entry(chunk).or_insert(count - i as i64);
+            }
+        }
+        Self::custom(move |chunk| rank.get(&chunk).copied().unwrap_or(0))
     }
 }
 
