@@ -154,3 +154,38 @@ async fn a_failing_flush_stops_at_the_first_failure_and_keeps_every_chunk() {
     assert_eq!((pusher.dirty_count(), pusher.unpushed_count()), (0, 0));
     testing::check_content(&remote.data, &model).await.unwrap();
 }
+
+/// Without push on sync, a sync leaves the remote alone (its writes stay dirty), while a flush
+/// and close still push; the background flush pushes too (its interval is an hour here, so only
+/// the explicit calls can have pushed).
+#[tokio::test]
+async fn without_push_on_sync_a_sync_stays_local_and_flush_and_close_push() {
+    let size = CHUNK * 8;
+    let remote: SharedBackend = Arc::new(MemoryBackend::new(size));
+    let local: SharedBackend = Arc::new(MemoryBackend::new(size));
+    let synced = Arc::new(Synced::new(local, remote.clone(), CHUNK).unwrap());
+    let options = PusherOptions {
+        interval: std::time::Duration::from_secs(3600),
+        ..Default::default()
+    };
+    let pusher = Arc::new(Pusher::start(synced, remote.clone(), CHUNK, options).unwrap());
+    pusher.set_push_on_sync(false);
+    pusher.write_at(CHUNK, &[7; CHUNK as usize]).await.unwrap();
+    pusher.sync().await.unwrap();
+    assert_eq!(pusher.dirty_count(), 1, "a local sync pushed");
+    testing::check_content(&*remote, &vec![0; size as usize])
+        .await
+        .unwrap();
+    pusher.flush().await.unwrap();
+    assert_eq!(pusher.dirty_count(), 0);
+    let mut expected = vec![0; size as usize];
+    expected[CHUNK as usize..2 * CHUNK as usize].fill(7);
+    testing::check_content(&*remote, &expected).await.unwrap();
+    pusher.write_at(3 * CHUNK, &[9; CHUNK as usize]).await.unwrap();
+    pusher.sync().await.unwrap();
+    assert_eq!(pusher.dirty_count(), 1);
+    pusher.close().await.unwrap();
+    expected[3 * CHUNK as usize..4 * CHUNK as usize].fill(9);
+    testing::check_content(&*remote, &expected).await.unwrap();
+    assert_eq!(pusher.dirty_count(), 0);
+}

@@ -15,7 +15,7 @@ pub mod slice;
 pub mod spec;
 
 pub use cache::PersistentCache;
-pub use managed::{ManagedMount, ManagedOptions, MountStats, StatsReader};
+pub use managed::{ManagedMount, ManagedOptions, MountStats, StatsReader, SyncTo};
 pub use size::{format_bytes, parse_duration, parse_size};
 pub use slice::SliceMount;
 pub use spec::{BackendSpec, RemoteOptions};

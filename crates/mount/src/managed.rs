@@ -27,6 +27,20 @@ pub struct ManagedOptions {
     pub pull_first: bool,
     /// Callbacks at points of the mount's life.
     pub hooks: Hooks,
+    /// What a sync of the mounted resource (an application's fsync) waits for.
+    pub sync_to: SyncTo,
+}
+
+/// What a sync of a managed mount's resource waits for.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum SyncTo {
+    /// The remote holds every write (pushed and flushed there).
+    #[default]
+    Remote,
+    /// The persistent cache holds every write durably (data fsynced, state checkpointed); the
+    /// remote gets them with the next background push, retried until it is back. A mount keeps
+    /// working while its remote is away; [`ManagedMount::sync`] and `close` still push.
+    Cache,
 }
 
 /// A callback run before the mount syncs or closes (e.g. a frontend flushing its own buffers);
@@ -62,6 +76,7 @@ impl Default for ManagedOptions {
             pusher: PusherOptions::default(),
             pull_first: false,
             hooks: Hooks::default(),
+            sync_to: SyncTo::Remote,
         }
     }
 }
@@ -95,6 +110,12 @@ impl ManagedMount {
     /// Starts a managed mount of `remote` cached in `cache` (same size). The background pull
     /// starts at once; the mount is usable immediately.
     pub async fn open(remote: SharedBackend, cache: SharedBackend, options: ManagedOptions) -> Result<Self> {
+        if options.sync_to == SyncTo::Cache {
+            return Err(r3map_core::Error::InvalidConfig(
+                "syncing to the cache needs a persistent cache (open_cached): a sync to memory keeps nothing"
+                    .into(),
+            ));
+        }
         let chunks = ChunkLayout::new(remote.size(), options.chunk_size)?.chunk_count();
         Self::assemble(
             remote,
@@ -150,6 +171,7 @@ impl ManagedMount {
             options.pusher,
             push_state,
         )?);
+        pusher.set_push_on_sync(options.sync_to == SyncTo::Remote);
         let stack = Arc::new(Arbitrary::new(pusher.clone(), chunk_size)?);
         let puller = Puller::start(synced.clone() as Arc<dyn PullTarget>, options.puller)?;
         let mount = Self {
@@ -189,11 +211,13 @@ impl ManagedMount {
     }
 
     /// Pushes every local write to the remote and syncs both sides; returns the first error.
+    /// (With [`SyncTo::Cache`] too: only the resource's own sync stops at the cache.)
     pub async fn sync(&self) -> Result<()> {
         if let Some(hook) = &self.hooks.before_sync {
             hook()?;
         }
-        self.stack.sync().await
+        self.stack.sync().await?;
+        self.pusher.flush().await
     }
 
     /// Byte counters every `period`, as a stream (ends when the mount is dropped).

@@ -4,6 +4,7 @@
 //! ```text
 //! usecases sqlite [--trace CSV]      a SQLite database in an ext4 image, queried while it streams
 //! usecases media [--trace CSV]       an MP4 with its index at the end, probed while it streams
+//! usecases drive                     ext4 on a managed mount that keeps working without its remote
 //! usecases sqlite-ranges IMAGE PATH  the --pull-ranges file for database PATH inside IMAGE
 //! usecases mp4-ranges FILE           the --pull-ranges file for an MP4 (ftyp and moov first)
 //! ```
@@ -12,6 +13,7 @@
 //! link (20 ms RTT, 8 MiB/s), and prints one `figure …` line per run. `--r3map PATH` picks the
 //! binary (default: the one built next to this example). Needs root (FUSE, loop, mount).
 
+mod drive;
 mod layout;
 mod procs;
 mod stream;
@@ -37,7 +39,11 @@ fn main() -> Result<()> {
         ["mp4-ranges", file] => print!("{}", layout::print(&layout::mp4(Path::new(file))?)),
         ["sqlite"] => streaming("sqlite", &procs::r3map_binary(r3map)?, trace, sqlite)?,
         ["media"] => streaming("media", &procs::r3map_binary(r3map)?, trace, media)?,
-        _ => bail!("usage: usecases sqlite|media [--trace CSV] [--r3map PATH] | sqlite-ranges IMAGE PATH | mp4-ranges FILE"),
+        ["drive"] => {
+            let work = tempfile::Builder::new().prefix("r3map-usecase-").tempdir()?;
+            drive::run(&procs::r3map_binary(r3map)?, work.path())?
+        }
+        _ => bail!("usage: usecases sqlite|media [--trace CSV] | drive [--r3map PATH] | sqlite-ranges IMAGE PATH | mp4-ranges FILE"),
     }
     Ok(())
 }
@@ -107,6 +113,7 @@ fn sqlite(r3map: &Path, work: &Path) -> Result<Vec<Figures>> {
             device.starts_with("/dev/"),
             "the disk frontend mounted {device}, not a device"
         );
+        let _unmount = procs::UnmountOnDrop(&fs);
         tool(
             "mount",
             // The type given: no probing of the device for other signatures (reads near its end).

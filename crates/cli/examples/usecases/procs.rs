@@ -165,3 +165,18 @@ pub fn served_uri(line: &str) -> Result<String> {
 pub fn mounted_path(line: &str) -> String {
     line.rsplit(" at ").next().unwrap_or_default().to_string()
 }
+
+/// Unmounts a filesystem when dropped (lazily, ignoring "not mounted"), so a failed recipe
+/// leaves no filesystem on a device whose mount process is about to be killed. Declare it after
+/// the mount process, so that it drops first.
+pub struct UnmountOnDrop<'a>(pub &'a Path);
+
+impl Drop for UnmountOnDrop<'_> {
+    fn drop(&mut self) {
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(self.0)
+            .stderr(Stdio::null())
+            .status();
+    }
+}

@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use r3map_core::stages::{Arbitrary, Priority, PullerOptions, PusherOptions};
 use r3map_core::{Backend, ChunkLayout, MemoryBackend, SharedBackend};
-use r3map_mount::{format_bytes, parse_duration, parse_size, ManagedMount, ManagedOptions, PersistentCache};
+use r3map_mount::{
+    format_bytes, parse_duration, parse_size, ManagedMount, ManagedOptions, PersistentCache, SyncTo,
+};
 use r3map_nbd::{Export, Server, ServerConfig};
 
 use crate::frontend::{Frontend, Mounted};
@@ -74,6 +76,11 @@ pub struct Args {
     /// Pull everything before the mount appears (managed)
     #[arg(long)]
     pull_first: bool,
+    /// What an fsync waits for (managed): remote (the remote holds the writes), or cache (the
+    /// --cache directory holds them durably and the background push takes them to the remote
+    /// when it can: reads of local chunks and writes go on while the remote is away)
+    #[arg(long, value_enum, default_value_t = SyncTarget::Remote)]
+    sync_to: SyncTarget,
     /// Concurrent pushes (managed)
     #[arg(long, default_value_t = 64)]
     push_workers: usize,
@@ -91,6 +98,12 @@ pub struct Args {
     remote_options: crate::remote::RemoteArgs,
     #[command(flatten)]
     metrics: crate::metrics::MetricsArgs,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum SyncTarget {
+    Remote,
+    Cache,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -336,6 +349,13 @@ async fn open_managed(args: &Args, uri: &str, remote: SharedBackend, size: u64) 
             interval: args.push_interval,
         },
         pull_first: args.pull_first,
+        sync_to: match (args.sync_to, &args.cache) {
+            (SyncTarget::Remote, _) => SyncTo::Remote,
+            (SyncTarget::Cache, Some(_)) => SyncTo::Cache,
+            (SyncTarget::Cache, None) => {
+                bail!("--sync-to cache needs --cache DIR: an fsync to the in-memory cache would keep nothing")
+            }
+        },
         ..Default::default()
     };
     let mount = match &args.cache {

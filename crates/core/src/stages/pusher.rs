@@ -79,6 +79,8 @@ struct Shared {
     workers: usize,
     pushed_bytes: AtomicU64,
     closed: AtomicBool,
+    /// Whether `sync` pushes (the default) or only syncs the inner backend.
+    push_on_sync: AtomicBool,
     stop: Notify,
 }
 
@@ -145,6 +147,7 @@ impl Pusher {
             workers: options.workers,
             pushed_bytes: AtomicU64::new(0),
             closed: AtomicBool::new(false),
+            push_on_sync: AtomicBool::new(true),
             stop: Notify::new(),
         });
         let interval_task = tokio::spawn(Shared::push_every(shared.clone(), options.interval));
@@ -152,6 +155,14 @@ impl Pusher {
             shared,
             interval_task,
         })
+    }
+
+    /// With `false`, `sync` only syncs the inner backend and returns: the writes reach the
+    /// remote with the next background flush (or `flush`/`close`), retried while the remote is
+    /// away. For an inner backend that is durable on its own (a persistent cache), so that an
+    /// application's fsync does not wait for, or fail with, an absent remote.
+    pub fn set_push_on_sync(&self, push: bool) {
+        self.shared.push_on_sync.store(push, Ordering::Release);
     }
 
     /// Marks chunks dirty that were written behind this stage's back (e.g. through a mapped
@@ -197,7 +208,8 @@ impl Pusher {
     pub async fn close(&self) -> Result<()> {
         self.shared.closed.store(true, Ordering::Release);
         self.shared.stop.notify_one();
-        self.sync().await
+        self.shared.inner.sync().await?;
+        self.shared.push_and_sync_remote().await
     }
 }
 
@@ -222,6 +234,15 @@ impl Shared {
 
     async fn flush(&self) -> Result<()> {
         self.flush_round().await.map(|_| ())
+    }
+
+    /// Pushes every dirty chunk and syncs the remote once (a flush that pushed something has
+    /// synced it already).
+    async fn push_and_sync_remote(&self) -> Result<()> {
+        if self.flush_round().await? {
+            return Ok(());
+        }
+        self.remote.sync().await
     }
 
     /// One round: pushes the chunks dirty now with `workers` in parallel, then flushes the
@@ -313,10 +334,10 @@ impl Backend for Pusher {
     /// that pushed something has synced it already); returns the first error.
     async fn sync(&self) -> Result<()> {
         self.shared.inner.sync().await?;
-        if self.shared.flush_round().await? {
+        if !self.shared.push_on_sync.load(Ordering::Acquire) {
             return Ok(());
         }
-        self.shared.remote.sync().await
+        self.shared.push_and_sync_remote().await
     }
 
     async fn trim(&self, offset: u64, len: u64) -> Result<()> {
