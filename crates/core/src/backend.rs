@@ -95,6 +95,12 @@ pub trait Backend: Send + Sync + 'static {
         check_range(offset, len, self.size())?;
         Ok(vec![Extent::data(len)])
     }
+    /// Drops this backend's connection to a remote at once: requests in flight fail, nothing
+    /// more is sent, and the peer sees the connection reset, not an orderly close after the
+    /// data still queued. The reconnect stage calls it on every connection it gives up, so a
+    /// request sent on it cannot reach the server after the next connection is up
+    /// (ARCHITECTURE.md, "Ordering across reconnects"). Local backends and stages ignore it.
+    fn abort_connection(&self) {}
 }
 
 /// The shared, type-erased backend every stage and frontend can hold.
@@ -122,5 +128,8 @@ impl<B: Backend + ?Sized> Backend for Arc<B> {
     }
     async fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
         (**self).extents(offset, len).await
+    }
+    fn abort_connection(&self) {
+        (**self).abort_connection()
     }
 }

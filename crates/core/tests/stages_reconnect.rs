@@ -1,7 +1,7 @@
 //! The reconnect stage: outages are ridden out, bounded by the request timeout.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -18,6 +18,10 @@ struct Server {
     /// Connections numbered below this never answer (a server that froze with its TCP
     /// connections still open, e.g. stopped with SIGSTOP).
     hang_below: AtomicU64,
+    /// Requests that reached the server: (connection number, operation).
+    log: Mutex<Vec<(u64, &'static str)>>,
+    /// Connections the client aborted.
+    aborted: Mutex<Vec<u64>>,
 }
 
 impl Server {
@@ -28,6 +32,8 @@ impl Server {
             epoch: AtomicU64::new(0),
             connects: AtomicU64::new(0),
             hang_below: AtomicU64::new(0),
+            log: Mutex::new(Vec::new()),
+            aborted: Mutex::new(Vec::new()),
         })
     }
     fn go_down(&self) {
@@ -71,7 +77,8 @@ struct Connection {
 }
 
 impl Connection {
-    async fn check(&self) -> Result<()> {
+    async fn check(&self, operation: &'static str) -> Result<()> {
+        self.server.log.lock().unwrap().push((self.number, operation));
         if self.number < self.server.hang_below.load(Ordering::SeqCst) {
             std::future::pending::<()>().await;
         }
@@ -88,15 +95,18 @@ impl Backend for Connection {
         self.server.data.size()
     }
     async fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        self.check().await?;
+        self.check("read").await?;
         self.server.data.read_at(offset, buf).await
     }
     async fn write_at(&self, offset: u64, data: &[u8]) -> Result<()> {
-        self.check().await?;
+        self.check("write").await?;
         self.server.data.write_at(offset, data).await
     }
     async fn sync(&self) -> Result<()> {
-        self.check().await
+        self.check("flush").await
+    }
+    fn abort_connection(&self) {
+        self.server.aborted.lock().unwrap().push(self.number);
     }
 }
 
@@ -263,6 +273,72 @@ async fn requests_in_flight_on_a_frozen_connection_fail_at_their_deadline_and_it
         "eight timed-out requests must cause exactly one reconnect"
     );
     assert!(remote.is_connected());
+}
+
+/// Ordering across reconnects, client side: a connection given up is aborted (nothing sent on
+/// it arrives later), and a new connection carries a flush before any request, so a server
+/// that finishes earlier writes before a flush has settled the old connection's writes.
+#[tokio::test(start_paused = true)]
+async fn a_lost_connection_is_aborted_and_the_next_one_is_flushed_before_it_carries_requests() {
+    let server = Server::new(1 << 16);
+    let remote = Arc::new(
+        Reconnecting::connect(server.connector(), options(5_000))
+            .await
+            .unwrap(),
+    );
+    remote.write_at(0, b"first").await.unwrap();
+    server.freeze_open_connections();
+    let result = remote.write_at(0, b"in doubt").await;
+    assert!(matches!(result, Err(Error::Timeout(_))), "{result:?}");
+    remote.write_at(0, b"newer").await.unwrap();
+    assert_eq!(
+        *server.aborted.lock().unwrap(),
+        vec![1],
+        "the frozen connection was aborted"
+    );
+    let log = server.log.lock().unwrap().clone();
+    let on_second: Vec<_> = log.iter().filter(|(c, _)| *c == 2).map(|(_, op)| *op).collect();
+    assert_eq!(on_second, ["flush", "write"], "{log:?}");
+}
+
+/// A write whose caller gives up on it before its reply (its future dropped, as the pusher
+/// does with the pushes of a failed round) may still be applied later: its connection is given
+/// up, and the next request runs on a new connection after a flush.
+#[tokio::test(start_paused = true)]
+async fn an_abandoned_write_gives_up_its_connection() {
+    let server = Server::new(1 << 16);
+    let remote = Arc::new(
+        Reconnecting::connect(server.connector(), options(60_000))
+            .await
+            .unwrap(),
+    );
+    server.freeze_open_connections();
+    let abandoned = tokio::time::timeout(Duration::from_millis(10), remote.write_at(0, b"old")).await;
+    assert!(abandoned.is_err(), "the frozen connection does not answer");
+    let read = tokio::time::timeout(Duration::from_millis(10), remote.read_at(0, &mut [0; 3])).await;
+    assert!(
+        matches!(read, Ok(Ok(()))),
+        "the next request runs on a new connection: {read:?}"
+    );
+    assert_eq!(*server.aborted.lock().unwrap(), vec![1]);
+    let log = server.log.lock().unwrap().clone();
+    let on_second: Vec<_> = log.iter().filter(|(c, _)| *c == 2).map(|(_, op)| *op).collect();
+    assert_eq!(on_second, ["flush", "read"], "{log:?}");
+}
+
+/// An abandoned read says nothing about the remote's content: the connection is kept.
+#[tokio::test(start_paused = true)]
+async fn an_abandoned_read_keeps_its_connection() {
+    let server = Server::new(1 << 16);
+    let remote = Reconnecting::connect(server.connector(), options(60_000))
+        .await
+        .unwrap();
+    server.freeze_open_connections();
+    let abandoned = tokio::time::timeout(Duration::from_millis(10), remote.read_at(0, &mut [0; 3])).await;
+    assert!(abandoned.is_err());
+    assert!(remote.is_connected());
+    assert!(server.aborted.lock().unwrap().is_empty());
+    assert_eq!(server.connects.load(Ordering::SeqCst), 1);
 }
 
 #[tokio::test]

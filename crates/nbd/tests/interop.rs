@@ -6,7 +6,6 @@ mod common;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
-use std::time::Duration;
 
 use r3map_core::{testing, Backend, MemoryBackend};
 use r3map_nbd::{Client, ClientOptions, Export, ServerConfig};
@@ -181,18 +180,6 @@ impl Drop for Child {
     }
 }
 
-/// Waits until the server at the socket `path` accepts a connection (the socket file appears
-/// at bind, before the server listens, so its existence proves nothing).
-async fn wait_for(path: &Path) {
-    for _ in 0..3000 {
-        if tokio::net::UnixStream::connect(path).await.is_ok() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("nothing accepted connections on {} within 30 s", path.display());
-}
-
 async fn conformance(uri: &str) {
     let client = Arc::new(Client::connect(uri, ClientOptions::default()).await.unwrap());
     assert_eq!(client.size(), SIZE);
@@ -232,7 +219,7 @@ async fn our_client_against_nbdkit_memory() {
             .spawn()
             .unwrap(),
     );
-    wait_for(&socket).await;
+    common::wait_for_socket(&socket).await;
     conformance(&format!("nbd+unix:///?socket={}", socket.display())).await;
 }
 
@@ -255,6 +242,6 @@ async fn our_client_against_qemu_nbd() {
             .spawn()
             .unwrap(),
     );
-    wait_for(&socket).await;
+    common::wait_for_socket(&socket).await;
     conformance(&format!("nbd+unix:///disk?socket={}", socket.display())).await;
 }

@@ -11,6 +11,14 @@
 //!
 //! Retrying is safe because every `Backend` operation is idempotent: writing the same bytes to
 //! the same place twice has the same effect as once.
+//!
+//! Ordering across reconnects: a write whose try ended without a reply (the connection was
+//! lost, its deadline passed, or its caller gave up on it) may still be applied by the server
+//! later, after newer writes of the same bytes on the next connection. So a connection given up
+//! is aborted at once (reset, so nothing more of it is sent), and a new connection is handed
+//! out only after a flush on it succeeded: a server that completes every write it received
+//! before a flush, on any connection, has then applied the old write or will never apply it
+//! (see ARCHITECTURE.md, "Ordering across reconnects", for the argument and its limits).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -64,6 +72,8 @@ enum Link {
 struct Shared {
     /// The remote's address, for messages.
     address: String,
+    /// Where reconnects run (also when a request is abandoned outside a task).
+    runtime: tokio::runtime::Handle,
     connector: Connector,
     options: ReconnectOptions,
     link: watch::Sender<Link>,
@@ -97,6 +107,7 @@ impl Reconnecting {
         Ok(Self {
             shared: Arc::new(Shared {
                 address: address.into(),
+                runtime: tokio::runtime::Handle::current(),
                 connector,
                 options,
                 link,
@@ -175,13 +186,37 @@ impl Attempt<'_> {
     }
 }
 
+/// A try of a write in flight: if it is abandoned before its outcome is known (its future
+/// dropped), the write may still be applied later, so its connection is given up (and the next
+/// one passes a flush first) before any newer write can be sent.
+struct WriteInFlight<'a> {
+    shared: &'a Arc<Shared>,
+    generation: u64,
+}
+
+impl Drop for WriteInFlight<'_> {
+    fn drop(&mut self) {
+        Shared::connection_lost(
+            self.shared,
+            self.generation,
+            format_args!("a write was abandoned before its reply"),
+        );
+    }
+}
+
 /// Retries `$call` (an expression using `$backend`) on connection loss, until the deadline.
+/// `write` says whether `$call` changes the remote (see [`WriteInFlight`]).
 macro_rules! retried {
-    ($self:ident, |$backend:ident| $call:expr) => {{
+    ($self:ident, write: $write:expr, |$backend:ident| $call:expr) => {{
         let mut attempt = $self.attempt();
         loop {
             let (generation, $backend) = attempt.connection().await?;
+            let in_flight = $write.then(|| WriteInFlight {
+                shared: attempt.shared,
+                generation,
+            });
             let result = attempt.in_flight(generation, $call).await;
+            std::mem::forget(in_flight);
             if let Some(result) = attempt.settle(generation, result) {
                 break result;
             }
@@ -193,27 +228,33 @@ impl Shared {
     /// Marks connection `generation` as lost (dropping it) and starts reconnecting, unless that
     /// already happened: the first request to see the loss logs it, the others stay quiet.
     fn connection_lost(shared: &Arc<Self>, generation: u64, why: std::fmt::Arguments<'_>) {
-        let mut started = false;
+        let mut lost = None;
         shared.link.send_if_modified(|link| match link {
             Link::Up {
                 generation: current, ..
             } if *current == generation => {
-                *link = Link::Down;
-                started = true;
+                lost = match std::mem::replace(link, Link::Down) {
+                    Link::Up { backend, .. } => Some(backend),
+                    Link::Down => None,
+                };
                 true
             }
             _ => false,
         });
-        if started {
+        if let Some(backend) = lost {
+            // Requests still holding it fail now, and nothing sent on it arrives later.
+            backend.abort_connection();
             tracing::warn!(remote = %shared.address, "lost the connection to {}: {why}; reconnecting", shared.address);
-            tokio::spawn(Self::reconnect(shared.clone(), generation + 1));
+            shared
+                .runtime
+                .spawn(Self::reconnect(shared.clone(), generation + 1));
         }
     }
 
     async fn reconnect(self: Arc<Self>, generation: u64) {
         let mut backoff = self.options.initial_backoff;
         loop {
-            match (self.connector)().await {
+            match self.connect_past_barrier().await {
                 Ok(backend) => {
                     tracing::info!(remote = %self.address, generation, "reconnected to {}", self.address);
                     self.options.reconnects.fetch_add(1, Ordering::Relaxed);
@@ -233,24 +274,44 @@ impl Shared {
     }
 }
 
+impl Shared {
+    /// A new connection, once a flush on it succeeded: the barrier that writes sent on the
+    /// connections given up before cannot pass (see the module note).
+    async fn connect_past_barrier(&self) -> Result<SharedBackend> {
+        let timeout = self.options.request_timeout;
+        let backend = (self.connector)().await?;
+        match tokio::time::timeout(timeout, backend.sync()).await {
+            Ok(Ok(())) => Ok(backend),
+            Ok(Err(err)) => {
+                backend.abort_connection();
+                Err(err)
+            }
+            Err(_) => {
+                backend.abort_connection();
+                Err(Error::Timeout(timeout))
+            }
+        }
+    }
+}
+
 #[async_trait]
 impl Backend for Reconnecting {
     fn size(&self) -> u64 {
         self.size
     }
     async fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        retried!(self, |backend| backend.read_at(offset, buf))
+        retried!(self, write: false, |backend| backend.read_at(offset, buf))
     }
     async fn write_at(&self, offset: u64, data: &[u8]) -> Result<()> {
-        retried!(self, |backend| backend.write_at(offset, data))
+        retried!(self, write: true, |backend| backend.write_at(offset, data))
     }
     async fn sync(&self) -> Result<()> {
-        retried!(self, |backend| backend.sync())
+        retried!(self, write: false, |backend| backend.sync())
     }
     async fn trim(&self, offset: u64, len: u64) -> Result<()> {
-        retried!(self, |backend| backend.trim(offset, len))
+        retried!(self, write: true, |backend| backend.trim(offset, len))
     }
     async fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
-        retried!(self, |backend| backend.write_zeroes(offset, len))
+        retried!(self, write: true, |backend| backend.write_zeroes(offset, len))
     }
 }

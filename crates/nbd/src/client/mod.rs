@@ -10,12 +10,14 @@
 mod negotiate;
 mod replies;
 
+use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
+use parking_lot::Mutex;
 use r3map_core::{check_range, Backend, Error, Result};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
@@ -137,6 +139,8 @@ pub struct Client {
     slots: Semaphore,
     next_handle: AtomicU64,
     request_timeout: Option<Duration>,
+    /// The TCP socket, for [`Backend::abort_connection`].
+    socket: Mutex<Option<OwnedFd>>,
 }
 
 impl std::fmt::Debug for Client {
@@ -147,14 +151,14 @@ impl std::fmt::Debug for Client {
     }
 }
 
-async fn start(uri: &NbdUri, options: &ClientOptions) -> Result<Negotiation, ClientError> {
+async fn start(uri: &NbdUri, options: &ClientOptions) -> Result<(Negotiation, Option<OwnedFd>), ClientError> {
     let tls = match (uri.tls, &options.tls) {
         (true, None) => return Err(ClientError::TlsNotConfigured),
         (true, Some(tls)) => Some((tls, uri.host())),
         (false, _) => None,
     };
-    let io = negotiate::open_transport(uri).await?;
-    Negotiation::start(io, tls).await
+    let (io, socket) = negotiate::open_transport(uri).await?;
+    Ok((Negotiation::start(io, tls).await?, socket))
 }
 
 impl Client {
@@ -167,8 +171,8 @@ impl Client {
     pub async fn connect_uri(uri: &NbdUri, options: ClientOptions) -> Result<Self, ClientError> {
         let timeout = options.connect_timeout;
         let connecting = async {
-            let negotiation = start(uri, &options).await?;
-            Self::handshake(negotiation, &uri.export, &options).await
+            let (negotiation, socket) = start(uri, &options).await?;
+            Self::handshake(negotiation, &uri.export, &options, socket).await
         };
         tokio::time::timeout(timeout, connecting)
             .await
@@ -185,7 +189,7 @@ impl Client {
         let timeout = options.connect_timeout;
         let connecting = async {
             let negotiation = Negotiation::start(Box::new(stream), None).await?;
-            Self::handshake(negotiation, export, &options).await
+            Self::handshake(negotiation, export, &options, None).await
         };
         tokio::time::timeout(timeout, connecting)
             .await
@@ -224,6 +228,7 @@ impl Client {
         mut negotiation: Negotiation,
         export: &str,
         options: &ClientOptions,
+        socket: Option<OwnedFd>,
     ) -> Result<Self, ClientError> {
         let framing = if !options.structured_replies {
             Framing::Simple
@@ -255,6 +260,7 @@ impl Client {
             slots: Semaphore::new(max_in_flight),
             next_handle: AtomicU64::new(1),
             request_timeout: options.request_timeout,
+            socket: Mutex::new(socket),
         })
     }
 
@@ -266,7 +272,7 @@ impl Client {
         let uri = NbdUri::parse(uri)?;
         let timeout = options.connect_timeout;
         tokio::time::timeout(timeout, async {
-            let mut negotiation = start(&uri, &options).await?;
+            let (mut negotiation, _) = start(&uri, &options).await?;
             let exports = negotiation.list().await?;
             negotiation.abort().await;
             Ok(exports)
@@ -475,6 +481,17 @@ impl Backend for Client {
         });
         futures::future::try_join_all(writes).await?;
         Ok(())
+    }
+
+    /// Resets the connection (SO_LINGER 0: data still queued is dropped, the server sees a
+    /// reset at once) and fails every pending and later request.
+    fn abort_connection(&self) {
+        if let Some(socket) = self.socket.lock().take() {
+            let _ = socket2::SockRef::from(&socket).set_linger(Some(Duration::ZERO));
+        }
+        // The tasks drop their halves of the stream: the last close resets it.
+        self.shared
+            .close(replies::connection_lost("given up by the client"));
     }
 
     async fn sync(&self) -> Result<()> {

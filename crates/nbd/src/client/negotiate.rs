@@ -4,6 +4,7 @@
 //! Every reply is checked against the option it must answer and every advertised constraint
 //! against the protocol's rules before the client relies on it.
 
+use std::os::fd::{AsFd, OwnedFd};
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -21,7 +22,9 @@ const MAX_OPTION_REPLY: u32 = 1 << 20;
 /// Largest minimum block size the protocol allows.
 const MAX_MIN_BLOCK: u32 = 1 << 16;
 
-pub(super) async fn open_transport(uri: &NbdUri) -> Result<BoxStream, ClientError> {
+/// Opens the stream to the server, with a second handle on its TCP socket (for
+/// [`Client`](super::Client)'s abort; `None` for a UNIX socket, whose close is seen at once).
+pub(super) async fn open_transport(uri: &NbdUri) -> Result<(BoxStream, Option<OwnedFd>), ClientError> {
     match &uri.transport {
         Transport::Tcp { host, port } => {
             let addr = format!("{host}:{port}");
@@ -31,7 +34,8 @@ pub(super) async fn open_transport(uri: &NbdUri) -> Result<BoxStream, ClientErro
                 .map_err(|source| ClientError::Connect { addr, source })?;
             stream.set_nodelay(true)?;
             crate::keepalive::enable(&stream)?;
-            Ok(Box::new(stream))
+            let socket = stream.as_fd().try_clone_to_owned()?;
+            Ok((Box::new(stream), Some(socket)))
         }
         Transport::Unix { socket } => {
             let stream = UnixStream::connect(socket)
@@ -40,7 +44,7 @@ pub(super) async fn open_transport(uri: &NbdUri) -> Result<BoxStream, ClientErro
                     addr: socket.display().to_string(),
                     source,
                 })?;
-            Ok(Box::new(stream))
+            Ok((Box::new(stream), None))
         }
     }
 }

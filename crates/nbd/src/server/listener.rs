@@ -12,6 +12,7 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
+use super::ordering::PeerProbe;
 use super::{BoxStream, ServerConfig, ServerError, Service};
 use crate::uri::{NbdUri, Transport};
 
@@ -41,17 +42,19 @@ enum Listener {
 
 impl Listener {
     /// The next client and a printable peer address.
-    async fn accept(&self) -> std::io::Result<(BoxStream, String)> {
+    async fn accept(&self) -> std::io::Result<(BoxStream, PeerProbe, String)> {
         match self {
             Listener::Tcp(listener) => {
                 let (stream, peer) = listener.accept().await?;
                 stream.set_nodelay(true)?;
                 crate::keepalive::enable(&stream)?;
-                Ok((Box::new(stream), peer.to_string()))
+                let probe = PeerProbe::new(&stream)?;
+                Ok((Box::new(stream), probe, peer.to_string()))
             }
             Listener::Unix(listener) => {
                 let (stream, _) = listener.accept().await?;
-                Ok((Box::new(stream), "a UNIX socket client".into()))
+                let probe = PeerProbe::new(&stream)?;
+                Ok((Box::new(stream), probe, "a UNIX socket client".into()))
             }
         }
     }
@@ -209,7 +212,7 @@ impl Server {
             // Reap finished connections so the set does not grow.
             while connections.try_join_next().is_some() {}
             match accepted {
-                Ok((stream, peer)) => {
+                Ok((stream, probe, peer)) => {
                     backoff = Duration::from_millis(1);
                     let Ok(slot) = slots.clone().try_acquire_owned() else {
                         // Closing at once tells the client more than a silent accept queue.
@@ -219,7 +222,7 @@ impl Server {
                     };
                     let service = self.service.clone();
                     connections.spawn(async move {
-                        if let Err(err) = service.serve_stream(stream).await {
+                        if let Err(err) = service.serve(stream, Some(probe)).await {
                             tracing::info!(peer, error = %err, "NBD connection ended with an error");
                         }
                         drop(slot);

@@ -8,6 +8,8 @@
 //!   contexts, `GO`).
 //! - `transmission`: reading and checking requests and running them against the backend.
 //! - `reply_writer`: sending replies (vectored, with a write deadline).
+//! - `ordering`: a FLUSH waits for the writes running on every connection, and a write of a
+//!   connection its client already closed is not started (ordering across reconnects).
 //!
 //! Transmission runs three kinds of work per connection: the connection task reads and
 //! validates requests, each valid request runs as its own task against the backend (bounded by
@@ -34,6 +36,7 @@
 
 mod handshake;
 mod listener;
+mod ordering;
 mod reply_writer;
 mod transmission;
 
@@ -311,6 +314,8 @@ struct State {
     memory: Arc<Semaphore>,
     memory_budget: usize,
     shutdown: watch::Sender<bool>,
+    /// Writes running on every connection, which a FLUSH waits for.
+    writes: Arc<ordering::WriteBarrier>,
 }
 
 impl State {
@@ -350,6 +355,7 @@ impl Service {
                 memory: Arc::new(Semaphore::new(config.memory_budget)),
                 memory_budget: config.memory_budget,
                 shutdown,
+                writes: Arc::default(),
             }),
         })
     }
@@ -359,11 +365,20 @@ impl Service {
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
+        self.serve(Box::new(stream), None).await
+    }
+
+    /// Serves one client; `probe` tells whether the client has closed its socket.
+    async fn serve(
+        &self,
+        stream: BoxStream,
+        probe: Option<ordering::PeerProbe>,
+    ) -> Result<(), ConnectionError> {
         let shutdown = self.state.shutdown.subscribe();
         let state = &self.state;
         let handshake = tokio::time::timeout(
             state.handshake_timeout,
-            handshake::handshake(state, Box::new(stream) as BoxStream, shutdown.clone()),
+            handshake::handshake(state, stream, shutdown.clone()),
         );
         let Some((io, buf, session)) = handshake
             .await
@@ -371,7 +386,7 @@ impl Service {
         else {
             return Ok(());
         };
-        transmission::transmission(state.clone(), io, buf, session, shutdown).await
+        transmission::transmission(state.clone(), io, buf, session, shutdown, probe).await
     }
 
     /// Bytes of request data all connections hold right now (pooled buffers in use).

@@ -14,6 +14,7 @@ use tokio::io::AsyncReadExt;
 use tokio::sync::{mpsc, watch, Notify, OwnedSemaphorePermit, Semaphore};
 
 use super::handshake::Session;
+use super::ordering::PeerProbe;
 use super::reply_writer::write_replies;
 use super::{BoxStream, ConnectionError, State};
 use crate::codec::{self, Framing, Payload, ReplyTo, Request, RequestDecoder, StatusDescriptor};
@@ -381,6 +382,7 @@ pub(super) async fn transmission(
     mut buf: BytesMut,
     session: Session,
     shutdown: watch::Receiver<bool>,
+    probe: Option<PeerProbe>,
 ) -> Result<(), ConnectionError> {
     tracing::debug!(
         export = %session.export.name,
@@ -490,6 +492,18 @@ pub(super) async fn transmission(
             } else {
                 None
             };
+            // Registered before the probe looks, so a write either runs before a FLUSH taken
+            // after its client's close, with the FLUSH waiting for it, or never (ordering.rs).
+            let changes = matches!(request.command, cmd::WRITE | cmd::TRIM | cmd::WRITE_ZEROES);
+            let running = changes.then(|| state.writes.begin());
+            if changes && probe.as_ref().is_some_and(PeerProbe::peer_gone) {
+                tracing::debug!(
+                    handle = request.handle,
+                    "the client closed the connection before this write started: not applied"
+                );
+                break 'read Stop::Client;
+            }
+            let barrier = (request.command == cmd::FLUSH).then(|| state.writes.clone());
             let session = session.clone();
             let pool = pool.clone();
             let backlog = backlog.clone();
@@ -503,7 +517,11 @@ pub(super) async fn transmission(
             let is_write = request.command == cmd::WRITE;
             let piece = cache_piece(&state, request.length);
             let mut task = Box::pin(async move {
+                if let Some(barrier) = barrier {
+                    barrier.wait_for_earlier().await;
+                }
                 let (head, data) = execute(request, payload, &session, &pool, piece).await;
+                drop(running);
                 backlog.finished(reading, data.as_ref().map_or(0, |d| d.as_ref().len()));
                 let _ = tx
                     .send(Outgoing {

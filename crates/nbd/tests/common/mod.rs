@@ -1,6 +1,9 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+pub mod cutting_proxy;
+pub mod slow_backend;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
@@ -100,4 +103,16 @@ pub fn run(cmd: &mut Command) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     stdout
+}
+
+/// Waits until a server accepts connections on its UNIX socket `path` (at most 30 s; the
+/// socket file appears at bind, before the server listens, so its existence proves nothing).
+pub async fn wait_for_socket(path: &Path) {
+    for _ in 0..3000 {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!("no server accepts connections on {}", path.display());
 }
