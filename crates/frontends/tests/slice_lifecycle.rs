@@ -272,3 +272,38 @@ fn a_dropped_page_of_a_poisoned_chunk_still_raises_sigbus() {
     }
     assert_eq!(run_child(name), Some(libc::SIGBUS));
 }
+
+/// A local region is left out of forked children (MADV_DONTFORK): nobody would serve the
+/// child's copy, so the child has no mapping there at all (SIGSEGV) rather than a copy whose
+/// never-fetched pages read as zeros. Fetched pages are not copied either.
+#[test]
+fn a_forked_child_gets_no_copy_of_a_local_region() {
+    let chunk = 4 * PAGE;
+    let region = Region::new(Arc::new(PatternBackend::new(8 * chunk)), options(chunk, None)).unwrap();
+    assert_eq!(region.as_slice()[3], pattern_byte(3), "fetched in the parent");
+    for offset in [3, 5 * chunk + 7] {
+        let addr = region.addr() + offset;
+        // SAFETY: the child only reads memory and calls _exit (no allocation, no locks), which
+        // is all a child of a multithreaded process may do.
+        let child = unsafe { libc::fork() };
+        if child == 0 {
+            // SAFETY: `addr` lies in the region's mapping in the parent; in the child it is
+            // expected to be unmapped, which ends the child with SIGSEGV.
+            let byte = unsafe { std::ptr::read_volatile(addr as *const u8) };
+            // SAFETY: ends the child at once.
+            unsafe { libc::_exit(i32::from(byte == 0) + 10) };
+        }
+        let mut status = 0;
+        // SAFETY: waits for the child just forked into a valid out-pointer.
+        assert_eq!(unsafe { libc::waitpid(child, &mut status, 0) }, child);
+        assert!(
+            libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGSEGV,
+            "offset {offset}: the child read the region (exit code {}: 11 = zeros, 10 = data)",
+            libc::WEXITSTATUS(status)
+        );
+    }
+    assert_eq!(
+        region.as_slice()[5 * chunk as usize + 7],
+        pattern_byte(5 * chunk + 7)
+    );
+}

@@ -9,30 +9,33 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{PatternBackend, PAGE};
-use r3map_frontends::slice::{RegionOptions, RemoteRegion, RemoteRequest, TrackingMode};
+use r3map_frontends::slice::{RegionError, RegionOptions, RemoteRegion, RemoteRequest, TrackingMode};
 
 fn client_binary() -> std::path::PathBuf {
     r3map_core::testing::example_binary(env!("CARGO"), env!("CARGO_MANIFEST_DIR"), "uffd_client")
 }
 
-#[test]
-fn serves_faults_and_tracks_writes_of_another_process() {
-    if !common::have_userfaultfd() {
-        return;
-    }
-    let chunk = 16 * PAGE;
-    let len = 64 * chunk;
-    let path = std::env::temp_dir().join(format!("r3map-remote-{}.sock", std::process::id()));
+/// A client process running `uffd_client` with `args` after the socket and length, and the
+/// region serving its `len` bytes from the pattern backend in chunks of `chunk` bytes.
+struct Served {
+    child: std::process::Child,
+    sock: std::os::unix::net::UnixStream,
+    region: RemoteRegion,
+    backend: Arc<PatternBackend>,
+    path: std::path::PathBuf,
+}
+
+fn serve_client(name: &str, chunk: u64, len: u64, args: &[String]) -> Served {
+    let path = std::env::temp_dir().join(format!("r3map-remote-{name}-{}.sock", std::process::id()));
     let _ = std::fs::remove_file(&path);
     let listener = UnixListener::bind(&path).unwrap();
-    let written_pages = [3u64, 17, 600, 1023];
-    let mut child = std::process::Command::new(client_binary())
+    let child = std::process::Command::new(client_binary())
         .arg(&path)
         .arg(len.to_string())
-        .args(written_pages.iter().map(|p| p.to_string()))
+        .args(args)
         .spawn()
         .expect("run examples/uffd_client (built by cargo test)");
-    let (mut sock, _) = listener.accept().unwrap();
+    let (sock, _) = listener.accept().unwrap();
     let (request, fd) = RemoteRequest::receive(&sock).unwrap();
     assert_eq!(request.len, len);
     assert_eq!(request.pid, child.id() as i32);
@@ -47,6 +50,32 @@ fn serves_faults_and_tracks_writes_of_another_process() {
         },
     )
     .unwrap();
+    Served {
+        child,
+        sock,
+        region,
+        backend,
+        path,
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+#[test]
+fn serves_faults_and_tracks_writes_of_another_process() {
+    if !common::have_userfaultfd() {
+        return;
+    }
+    let chunk = 16 * PAGE;
+    let len = 64 * chunk;
+    let written_pages = [3u64, 17, 600, 1023];
+    let args: Vec<String> = written_pages.iter().map(|p| p.to_string()).collect();
+    let mut served = serve_client("writes", chunk, len, &args);
+    let (sock, region, backend) = (&mut served.sock, &served.region, &served.backend);
     assert_eq!(region.tracking_mode(), TrackingMode::AsyncWriteProtect);
     // The answer of `r3map mount --frontend slice`: 0 means served.
     sock.write_all(&[0]).unwrap();
@@ -70,6 +99,77 @@ fn serves_faults_and_tracks_writes_of_another_process() {
         region.wait_closed(Duration::from_secs(20)),
         "server saw the client unmap or exit"
     );
-    assert!(child.wait().unwrap().success());
-    let _ = std::fs::remove_file(&path);
+    assert!(served.child.wait().unwrap().success());
+}
+
+/// A served process forks: the child's copy of the range is served by nobody, so its
+/// never-fetched pages raise SIGBUS there instead of reading as zeros, while the pages the
+/// parent had fetched were copied; the parent itself is still served.
+#[test]
+fn a_forked_child_of_a_served_process_gets_sigbus_for_never_fetched_pages() {
+    if !common::have_userfaultfd() {
+        return;
+    }
+    let chunk = 16 * PAGE;
+    let len = 8 * chunk;
+    let (fetched, never_fetched) = (1u64, 5 * 16 + 3);
+    let args = ["fork".to_string(), fetched.to_string(), never_fetched.to_string()];
+    let mut served = serve_client("fork", chunk, len, &args);
+    served.sock.write_all(&[0]).unwrap();
+    let mut report = [0u8; 3];
+    served.sock.read_exact(&mut report).unwrap();
+    let [signaled, value, parent_ok] = report;
+    assert_eq!(
+        (signaled, value as i32),
+        (1, libc::SIGBUS),
+        "the child must die of SIGBUS on the never-fetched page (exit code 3: the fetched page \
+         was wrong in the child, 4: the never-fetched read returned)"
+    );
+    assert_eq!(parent_ok, 1, "the parent still reads the backend's bytes there");
+    served.sock.write_all(&[1]).unwrap();
+    assert!(served.child.wait().unwrap().success());
+}
+
+/// A served process moves part of the range with mremap: a never-fetched page at the new place
+/// raises SIGBUS (not zeros), and the region refuses to report dirty chunks from then on,
+/// since writes at the new place cannot be tracked.
+#[test]
+fn mremap_of_a_served_range_raises_sigbus_there_and_take_dirty_refuses() {
+    if !common::have_userfaultfd() {
+        return;
+    }
+    let chunk = 16 * PAGE;
+    let len = 8 * chunk;
+    let args = [
+        "mremap".to_string(),
+        (4 * chunk).to_string(),
+        (2 * chunk).to_string(),
+    ];
+    let mut served = serve_client("mremap", chunk, len, &args);
+    assert!(
+        served.region.take_dirty().is_ok(),
+        "tracking works before the move"
+    );
+    served.sock.write_all(&[0]).unwrap();
+    let mut moved = [0u8];
+    served.sock.read_exact(&mut moved).unwrap();
+    // mremap returns once the handler has read the event; it handles it right after.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match served.region.take_dirty() {
+            Err(RegionError::Remapped { len, .. }) => {
+                assert_eq!(len, 2 * chunk);
+                break;
+            }
+            Ok(_) if std::time::Instant::now() < deadline => std::thread::yield_now(),
+            other => panic!("take_dirty after the mremap: {other:?}"),
+        }
+    }
+    served.sock.write_all(&[1]).unwrap();
+    let status = served.child.wait().unwrap();
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&status),
+        Some(libc::SIGBUS),
+        "the read at the new place must raise SIGBUS ({status}; exit code 4: it returned)"
+    );
 }
