@@ -250,6 +250,11 @@ impl Leecher {
     /// Marks `dirty` chunks remote and pulls them ahead of everything else.
     async fn repull(&self, dirty: &[u64]) {
         self.synced.mark_remote(dirty).await;
+        self.queue_repull(dirty);
+    }
+
+    /// Queues chunks already marked remote ahead of the rest of the pull.
+    fn queue_repull(&self, dirty: &[u64]) {
         self.puller.pull_first(dirty);
         self.status.lock().repulled += dirty.len() as u64;
     }
@@ -313,8 +318,12 @@ impl Leecher {
         self.set_phase(LeecherPhase::Finalizing);
         let started = Instant::now();
         let report = self.retried("sync", || self.link.sync(self.session)).await?;
-        self.repull(&report.dirty).await;
+        // Stale copies are never read from here on, but their re-pulls are queued only after
+        // the commit: queued first, they would share the link with the commit's round trip and
+        // hold it up by the time their bytes take (downtime growing with the dirty set).
+        self.synced.mark_remote(&report.dirty).await;
         self.retried("commit", || self.link.commit(self.session)).await?;
+        self.queue_repull(&report.dirty);
         // From here on the application's writes are legitimate differences from the source:
         // recorded, so verification leaves those chunks out.
         self.stack.inner().track();
