@@ -51,6 +51,15 @@ pub enum FuseError {
     #[error("the tokio runtime serving {mountpoint} has shut down")]
     RuntimeGone { mountpoint: PathBuf },
 
+    /// The kernel refused to drop cached pages of the file (`FUSE_NOTIFY_INVAL_INODE`).
+    #[error("invalidating the cached bytes {offset}..+{len} of {path} failed: {source}")]
+    Invalidate {
+        path: PathBuf,
+        offset: u64,
+        len: u64,
+        source: io::Error,
+    },
+
     /// Reading /proc or /sys (to find mounts and loop devices) failed.
     #[error("cannot read {path}: {source}")]
     Inspect { path: PathBuf, source: io::Error },

@@ -10,7 +10,7 @@
 //! - [`disk`]: the *path* frontend, [`DiskMount`]: a loop device over the file frontend, so the
 //!   application gets `/dev/loopN`.
 //! - [`stale`]: finds and cleans the mounts and loop devices a crashed run left behind.
-//! - `sys`: the raw loop ioctls; the only module with `unsafe`.
+//! - `sys`: the raw loop ioctls and the page size; the only module with `unsafe`.
 
 pub mod disk;
 mod error;

@@ -1,5 +1,5 @@
-//! The raw kernel calls of this crate (loop-driver ioctls) behind small safe functions. It is
-//! the only module with `unsafe`.
+//! The raw kernel calls of this crate (loop-driver ioctls, the page size) behind small safe
+//! functions. It is the only module with `unsafe`.
 
 use std::fs::File;
 use std::io;
@@ -75,4 +75,11 @@ pub(crate) fn loop_clr_fd(device: &File) -> io::Result<()> {
     // SAFETY: LOOP_CLR_FD takes no argument; the fd is open for the call.
     let rc = unsafe { libc::ioctl(device.as_raw_fd(), raw::LOOP_CLR_FD as _) };
     check(rc).map(drop)
+}
+
+/// The size of a memory page in bytes.
+pub(crate) fn page_size() -> u64 {
+    // SAFETY: sysconf only reads its integer argument and returns an integer.
+    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    u64::try_from(size).ok().filter(|&s| s > 0).unwrap_or(4096)
 }
