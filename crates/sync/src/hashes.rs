@@ -111,6 +111,18 @@ impl BlockHashes {
         self.strong[index as usize] = strong_hash(data);
     }
 
+    /// Whether block `index` holds the same bytes here and in `other`: same length, same xxh3
+    /// and same blake3 (so a copy may be skipped: an xxh3 collision alone does not match).
+    pub fn same_block(&self, other: &Self, index: u64) -> bool {
+        let i = index as usize;
+        self.block_size == other.block_size
+            && i < self.fast.len()
+            && i < other.fast.len()
+            && self.range(index).1 == other.range(index).1
+            && self.fast[i] == other.fast[i]
+            && self.strong[i] == other.strong[i]
+    }
+
     /// Rehashes the whole of `file` with `threads` threads: xxh3 of every block, blake3 only of
     /// blocks whose xxh3 changed (or that are new). Returns how many blocks changed.
     pub fn refresh(&mut self, file: &File, threads: usize) -> io::Result<u64> {

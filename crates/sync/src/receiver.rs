@@ -11,7 +11,7 @@ use r3map_tls::ClientTls;
 
 use crate::conn::{Conn, ConnError, Counters};
 use crate::delta::{apply_size, hash_messages, ApplyError, Incoming};
-use crate::replica::Replica;
+use crate::replica::{Replica, ReplicaStats};
 use crate::source::{hello, hex8, unexpected, SessionError};
 use crate::transport;
 use crate::wire::{Message, Role, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE};
@@ -172,6 +172,7 @@ async fn session(
     let mut mismatches = 0;
     loop {
         let round_start = counters.received();
+        let before = replica.stats();
         for message in hash_messages(replica.hashes()) {
             conn.queue(&message);
         }
@@ -213,6 +214,7 @@ async fn session(
         }
         mismatches = 0;
         let changed = replica.resuming();
+        let staged = replica.stats();
         replica.publish()?;
         counters.blocks.fetch_add(blocks, Ordering::Relaxed);
         if changed {
@@ -227,14 +229,15 @@ async fn session(
             digest: ours,
         };
         log(format!(
-            "{} {}: version {} ({} bytes), {} blocks ({} bytes) received, {} bytes on the wire",
+            "{} {}: version {} ({} bytes), {} blocks ({} bytes) received, {} bytes on the wire{}",
             if changed { "published" } else { "up to date" },
             replica.path().display(),
             hex8(&round.digest),
             round.size,
             round.blocks,
             round.block_bytes,
-            round.wire_bytes
+            round.wire_bytes,
+            staged_from(&staged, &before)
         ));
         if config.once {
             return Ok(());
@@ -269,6 +272,20 @@ async fn receive_blocks(
         }
     }
     Ok(bytes)
+}
+
+/// How this round's staging file was made, for the log line.
+fn staged_from(now: &ReplicaStats, before: &ReplicaStats) -> String {
+    if now.spares_reused > before.spares_reused {
+        format!(
+            "; staged in the previous version's inode ({} blocks copied locally)",
+            now.blocks_copied - before.blocks_copied
+        )
+    } else if now.full_copies > before.full_copies {
+        "; staged in a full copy".to_string()
+    } else {
+        String::new()
+    }
 }
 
 /// A refused transfer: the staging copy is thrown away, so nothing of it is ever published.

@@ -76,6 +76,37 @@ impl Source {
         self.current.borrow().clone()
     }
 
+    /// Rehashes only `blocks` (ascending indices) from `data`, the whole file as it is now (an
+    /// advertiser that maps the file and knows which blocks were written). A new version goes
+    /// to the sessions if the digest changed; returns whether it did. Indices past the end are
+    /// ignored; the size cannot change this way.
+    pub fn update_blocks(&self, blocks: &[u64], data: &[u8]) -> bool {
+        let before = self.version();
+        let mut after = (*before).clone();
+        let count = after.blocks();
+        for &index in blocks.iter().filter(|&&index| index < count) {
+            let (offset, len) = after.range(index);
+            let offset = offset as usize;
+            after.set_block(index, &data[offset..offset + len]);
+        }
+        self.publish(&before, after)
+    }
+
+    /// Hands `after` to the sessions if it differs from `before`.
+    fn publish(&self, before: &BlockHashes, after: BlockHashes) -> bool {
+        if after.digest() == before.digest() {
+            return false;
+        }
+        (self.log)(format!(
+            "changed: {} now {} bytes, version {}",
+            self.config.name,
+            after.size(),
+            hex8(&after.digest())
+        ));
+        self.current.send_replace(Arc::new(after));
+        true
+    }
+
     /// Rehashes after every change event (xxh3 of every block, blake3 only of blocks whose
     /// xxh3 changed) and hands new versions to the sessions. Runs until an error.
     pub async fn follow_changes(&self) -> io::Result<()> {
@@ -84,15 +115,7 @@ impl Source {
             watch.changed().await?;
             let before = self.version();
             let after = hash_file(self.config.path.clone(), (*before).clone(), self.config.threads).await?;
-            if after.digest() != before.digest() {
-                (self.log)(format!(
-                    "changed: {} now {} bytes, version {}",
-                    self.config.name,
-                    after.size(),
-                    hex8(&after.digest())
-                ));
-                self.current.send_replace(Arc::new(after));
-            }
+            self.publish(&before, after);
         }
     }
 

@@ -1,4 +1,5 @@
-//! An owned memory mapping (anonymous private, or a shared memfd) that unmaps on drop.
+//! An owned memory mapping (anonymous private, a shared memfd, or a shared mapping of a file)
+//! that unmaps on drop.
 
 use std::ffi::CString;
 use std::io;
@@ -37,17 +38,29 @@ impl Mapping {
         Self::map(len, libc::MAP_SHARED, Some(OwnedFd::from(file)))
     }
 
+    /// The first `len` bytes of `file`, shared: writes go to the file's page cache (and reach
+    /// the disk at writeback or [`Mapping::msync`]). The mapping keeps its own reference to the
+    /// file. Touching it past the file's end raises SIGBUS, so the file must not shrink.
+    pub fn shared_file(file: &std::fs::File, len: usize) -> io::Result<Self> {
+        use std::os::fd::AsRawFd;
+        Self::map_fd(len, libc::MAP_SHARED, file.as_raw_fd(), None)
+    }
+
     fn map(len: usize, flags: i32, memfd: Option<OwnedFd>) -> io::Result<Self> {
+        let fd = memfd.as_ref().map_or(-1, |fd| {
+            use std::os::fd::AsRawFd;
+            fd.as_raw_fd()
+        });
+        Self::map_fd(len, flags, fd, memfd)
+    }
+
+    fn map_fd(len: usize, flags: i32, fd: i32, memfd: Option<OwnedFd>) -> io::Result<Self> {
         if len == 0 {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 "cannot map zero bytes",
             ));
         }
-        let fd = memfd.as_ref().map_or(-1, |fd| {
-            use std::os::fd::AsRawFd;
-            fd.as_raw_fd()
-        });
         // SAFETY: a fresh mapping at an address the kernel chooses (NULL hint, no MAP_FIXED)
         // cannot overlap any existing Rust object.
         let ptr = unsafe {
@@ -121,6 +134,44 @@ impl Mapping {
             return Err(io::Error::last_os_error());
         }
         Ok(())
+    }
+
+    /// Writes the pages of `len` bytes at `offset` (widened to whole pages) back to the file
+    /// of a shared file mapping and waits for it (`msync(MS_SYNC)`).
+    pub fn msync(&self, offset: usize, len: usize) -> io::Result<()> {
+        let (start, len) = self.pages_of(offset, len)?;
+        // SAFETY: the page-aligned range lies inside our mapping (checked); msync only writes
+        // the pages back, it changes neither the contents nor the mapping.
+        let rc = unsafe { libc::msync(self.as_ptr().add(start).cast(), len, libc::MS_SYNC) };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Asks the kernel to reclaim the pages of a range now (`MADV_PAGEOUT`): clean pages of a
+    /// file mapping leave memory and are read from the file again when touched; the contents
+    /// seen through the mapping do not change.
+    pub fn page_out(&self, offset: usize, len: usize) -> io::Result<()> {
+        let (start, len) = self.pages_of(offset, len)?;
+        // SAFETY: the range lies inside our mapping (checked); MADV_PAGEOUT is only a hint
+        // about residency and never changes what the memory reads as.
+        let rc = unsafe { libc::madvise(self.as_ptr().add(start).cast(), len, libc::MADV_PAGEOUT) };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// `len` bytes at `offset`, widened to whole pages, checked to lie inside the mapping.
+    fn pages_of(&self, offset: usize, len: usize) -> io::Result<(usize, usize)> {
+        let page = super::page_size() as usize;
+        let end = offset
+            .checked_add(len)
+            .filter(|&end| end <= self.len)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "range outside the mapping"))?;
+        let start = offset / page * page;
+        Ok((start, end.div_ceil(page) * page - start))
     }
 
     /// Drops the pages of a range (`MADV_DONTNEED` for private, `MADV_REMOVE` for shared

@@ -1,5 +1,6 @@
 //! Safe wrappers around the kernel interfaces the slice frontend needs: userfaultfd, the
-//! PAGEMAP_SCAN ioctl, anonymous/memfd mappings, eventfd/pidfd/poll and SCM_RIGHTS fd passing.
+//! PAGEMAP_SCAN ioctl, anonymous/memfd/file mappings, eventfd/pidfd/poll and SCM_RIGHTS fd
+//! passing. `r3map-sync` uses them too, for an advertised file it maps itself.
 //!
 //! This module (with its submodules) is the only place in the crate with `unsafe`; every block
 //! carries a `SAFETY:` note. Addresses cross the API as `u64`, never as raw pointers, so the

@@ -10,6 +10,17 @@ use super::raw;
 /// Regions returned per ioctl call; a scan loops until the whole range is walked.
 const REGIONS_PER_CALL: usize = 512;
 
+/// Which pages a scan reports: those whose category bits, after flipping `inverted`, include
+/// all of `mask` and (unless it is 0) one of `anyof`.
+#[derive(Debug, Clone, Copy)]
+struct Categories {
+    inverted: u32,
+    mask: u32,
+    anyof: u32,
+    /// Bits reported per region (neighbours that agree on them are merged).
+    ret: u32,
+}
+
 /// An open pagemap file of one process.
 #[derive(Debug)]
 pub struct Pagemap {
@@ -40,6 +51,62 @@ impl Pagemap {
         reprotect: bool,
         out: &mut Vec<(u64, u64)>,
     ) -> io::Result<()> {
+        // Written, not the shared zero page, and present or swapped out. A written page
+        // that went to swap keeps its cleared write-protect bit in the swap entry
+        // (PAGE_IS_SWAPPED | PAGE_IS_WRITTEN); requiring PAGE_IS_PRESENT would miss it.
+        // Holes are neither present nor swapped: leaving them out keeps the walk from
+        // write-protecting them, which would leave markers there that ZEROPAGE and
+        // POISON refuse (EEXIST). Write-protect markers are swap entries, but count as
+        // protected (not written). Zero-page mappings (UFFDIO_ZEROPAGE) carry no
+        // write-protect bit but were never written (a write replaces them).
+        self.scan(
+            start,
+            end,
+            reprotect,
+            Categories {
+                inverted: raw::PAGE_IS_PFNZERO,
+                mask: raw::PAGE_IS_WRITTEN | raw::PAGE_IS_PFNZERO,
+                anyof: raw::PAGE_IS_PRESENT | raw::PAGE_IS_SWAPPED,
+                ret: raw::PAGE_IS_WRITTEN,
+            },
+            out,
+        )
+    }
+
+    /// Appends the ranges of pages in `start..end` that have no page-table entry at all: neither
+    /// present, nor swapped out, nor a write-protect marker. In a shared file mapping that was
+    /// write-protected whole, such a page was written and then reclaimed (the kernel keeps a
+    /// marker only for protected pages), so it counts as written. With `reprotect`, puts a
+    /// write-protect marker there in the same walk.
+    pub fn scan_unmapped(
+        &self,
+        start: u64,
+        end: u64,
+        reprotect: bool,
+        out: &mut Vec<(u64, u64)>,
+    ) -> io::Result<()> {
+        self.scan(
+            start,
+            end,
+            reprotect,
+            Categories {
+                inverted: raw::PAGE_IS_PRESENT | raw::PAGE_IS_SWAPPED,
+                mask: raw::PAGE_IS_PRESENT | raw::PAGE_IS_SWAPPED,
+                anyof: 0,
+                ret: raw::PAGE_IS_PRESENT,
+            },
+            out,
+        )
+    }
+
+    fn scan(
+        &self,
+        start: u64,
+        end: u64,
+        reprotect: bool,
+        categories: Categories,
+        out: &mut Vec<(u64, u64)>,
+    ) -> io::Result<()> {
         let empty = raw::page_region {
             start: 0,
             end: 0,
@@ -61,18 +128,10 @@ impl Pagemap {
                 vec: regions.as_mut_ptr() as u64,
                 vec_len: regions.len() as u64,
                 max_pages: 0,
-                // Written, not the shared zero page, and present or swapped out. A written page
-                // that went to swap keeps its cleared write-protect bit in the swap entry
-                // (PAGE_IS_SWAPPED | PAGE_IS_WRITTEN); requiring PAGE_IS_PRESENT would miss it.
-                // Holes are neither present nor swapped: leaving them out keeps the walk from
-                // write-protecting them, which would leave markers there that ZEROPAGE and
-                // POISON refuse (EEXIST). Write-protect markers are swap entries, but count as
-                // protected (not written). Zero-page mappings (UFFDIO_ZEROPAGE) carry no
-                // write-protect bit but were never written (a write replaces them).
-                category_inverted: u64::from(raw::PAGE_IS_PFNZERO),
-                category_mask: u64::from(raw::PAGE_IS_WRITTEN | raw::PAGE_IS_PFNZERO),
-                category_anyof_mask: u64::from(raw::PAGE_IS_PRESENT | raw::PAGE_IS_SWAPPED),
-                return_mask: u64::from(raw::PAGE_IS_WRITTEN),
+                category_inverted: u64::from(categories.inverted),
+                category_mask: u64::from(categories.mask),
+                category_anyof_mask: u64::from(categories.anyof),
+                return_mask: u64::from(categories.ret),
             };
             // SAFETY: PAGEMAP_SCAN reads one `struct pm_scan_arg` and writes up to `vec_len`
             // `struct page_region`s to `vec`, which points at `regions` of exactly that length
