@@ -1,24 +1,43 @@
 //! Delta sync benchmark (issue 15): rsync's delta algorithm (an rsync daemon on loopback,
-//! `--no-whole-file`) against `r3map sync`, on one file with a share of its 64 KiB blocks
-//! changed at random; time to converge and bytes on the wire, side by side in one run.
+//! `--no-whole-file`, with and without `--fsync`) against `r3map sync`, on one file with a
+//! share of its 64 KiB blocks changed at random; time to converge and bytes on the wire, side
+//! by side in one run.
 //!
-//!   cargo build -p r3map-cli && cargo run -p r3map-cli --example bench_sync -- [SIZE_MIB] [PERCENT]
+//!   cargo build --release -p r3map-cli --bin r3map --example bench_sync
+//!   ./target/release/examples/bench_sync [SIZE_MIB] [PERCENT]
 //!
-//! Cases: "cold" starts r3map's advertiser and receiver from nothing (both hash their whole
-//! file), like an rsync run; "following" changes the file under an advertiser and a receiver
-//! that already run, which is what `r3map sync` is for (rsync has no such mode, so its row
-//! is the same full run again).
+//! Three changes, each synced by every contender:
+//! 1. "cold": r3map's advertiser and receiver start from nothing (both hash their whole file),
+//!    like an rsync run.
+//! 2. "following": the file changes (plain writes) under an advertiser and a receiver that
+//!    already run, which is what `r3map sync` is for; the advertiser learns of it from inotify
+//!    and hashes the whole file again.
+//! 3. "mapped": this program advertises the file itself through `r3map_sync::MappedSource`,
+//!    writes the change through the mapping and calls `sync()`, which hashes only the blocks
+//!    written; the receiver is the same `r3map sync receive` process kind.
+//!
+//! rsync has no following mode, so its rows are full runs after each change. rsync writes a new
+//! file and renames it without fsync unless `--fsync`; r3map fsyncs every version.
 
 use std::io::{BufRead, BufReader, Read};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rand::{Rng, SeedableRng};
 
 const BLOCK: u64 = 64 * 1024;
+
+struct Row {
+    name: String,
+    time: Duration,
+    bytes: u64,
+    /// The rsync rows of the same change (without, with --fsync).
+    rsync: (Duration, Duration),
+}
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -44,22 +63,43 @@ fn main() {
     let source = dir.path().join("src/disk.img");
     let ours = dir.path().join("r3map/disk.img");
     let theirs = dir.path().join("rsync/disk.img");
+    let theirs_fsync = dir.path().join("rsync/disk-fsync.img");
     for path in [&source, &ours, &theirs] {
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
     }
     write_random(&source, size, 1);
-    std::fs::copy(&source, &ours).unwrap();
-    std::fs::copy(&source, &theirs).unwrap();
+    for copy in [&ours, &theirs, &theirs_fsync] {
+        std::fs::copy(&source, copy).unwrap();
+    }
     let mut rng = rand::rngs::SmallRng::seed_from_u64(2);
-    change_blocks(&source, blocks, changed, &mut rng);
     let changed_bytes = changed * BLOCK;
     eprintln!("{size_mib} MiB, {changed} of {blocks} blocks changed ({changed_bytes} bytes)");
-
     let daemon = RsyncDaemon::start(dir.path());
-    let (rsync_cold, rsync_cold_bytes) = daemon.sync(&source);
-    assert_same(&source, &theirs);
+    let rsync_both = |rows: &mut Vec<Row>, change: &str| {
+        let (plain, plain_bytes) = daemon.sync(&source, "disk.img", false);
+        assert_same(&source, &theirs);
+        let (fsync, fsync_bytes) = daemon.sync(&source, "disk-fsync.img", true);
+        assert_same(&source, &theirs_fsync);
+        let times = (plain, fsync);
+        rows.push(Row {
+            name: format!("rsync, {change}"),
+            time: plain,
+            bytes: plain_bytes,
+            rsync: times,
+        });
+        rows.push(Row {
+            name: format!("rsync --fsync, {change}"),
+            time: fsync,
+            bytes: fsync_bytes,
+            rsync: times,
+        });
+        times
+    };
+    let mut rows = Vec::new();
 
-    // r3map cold: from starting the advertiser to the receiver's exit.
+    // Change 1, cold: from starting the advertiser to the receiver's exit.
+    change_blocks(&source, blocks, changed, &mut rng);
+    let rsync = rsync_both(&mut rows, "change 1");
     let start = Instant::now();
     let mut advertiser = Lines::spawn(
         &r3map,
@@ -83,18 +123,23 @@ fn main() {
         ])
         .output()
         .unwrap();
-    let ours_cold = start.elapsed();
+    let elapsed = start.elapsed();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
-    let ours_cold_bytes = wire_bytes(
-        stderr
-            .lines()
-            .find(|l| l.starts_with("published "))
-            .expect("no published line"),
-    );
+    let line = stderr
+        .lines()
+        .find(|l| l.starts_with("published "))
+        .expect("no published line");
+    eprintln!("{line}");
+    rows.push(Row {
+        name: "r3map cold (advertiser start + receive --once)".into(),
+        time: elapsed,
+        bytes: wire_bytes(line),
+        rsync,
+    });
     assert_same(&source, &ours);
 
-    // Following: both sides running; the file changes again.
+    // Change 2, following: both sides running; the file is written again.
     let mut receiver = Lines::spawn(
         &r3map,
         &["sync", "receive", ours.to_str().unwrap(), "--from", &addr],
@@ -102,64 +147,102 @@ fn main() {
     receiver.wait_for("up to date");
     change_blocks(&source, blocks, changed, &mut rng);
     let start = Instant::now();
-    // A hash pass may see the writes half done and publish an intermediate version first:
-    // converged is when the final version is published; every round's bytes count.
-    let file = std::fs::File::open(&source).unwrap();
-    let version = r3map_sync::source::hex8(
-        &r3map_sync::BlockHashes::of_file(&file, BLOCK as u32, 2)
-            .unwrap()
-            .digest(),
-    );
-    let mut ours_follow_bytes = 0;
-    let ours_follow = loop {
-        let (at, line) = receiver.wait_for_timed("published ");
-        ours_follow_bytes += wire_bytes(&line);
-        if line.contains(&format!("version {version} ")) {
-            break at - start;
-        }
-    };
+    let (elapsed, bytes) = converge(&mut receiver, &source, start);
     assert_same(&source, &ours);
-    let (rsync_again, rsync_again_bytes) = daemon.sync(&source);
-    assert_same(&source, &theirs);
+    let rsync = rsync_both(&mut rows, "change 2");
+    rows.push(Row {
+        name: "r3map following, plain writer (inotify → published)".into(),
+        time: elapsed,
+        bytes,
+        rsync,
+    });
     drop(receiver);
     drop(advertiser);
+
+    // Change 3, mapped: this process advertises the file it maps and writes.
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let log: r3map_sync::Log = Arc::new(|_| {});
+    let config = r3map_sync::source::SourceConfig {
+        path: source.clone(),
+        name: "disk.img".into(),
+        block_size: BLOCK as u32,
+        threads: 2,
+        timeout: Duration::from_secs(30),
+    };
+    let mut mapped = runtime
+        .block_on(r3map_sync::MappedSource::open(config, log))
+        .expect("cannot map the file with write tracking");
+    let listener = runtime
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    runtime.spawn(mapped.source().clone().listen(listener, None, Vec::new()));
+    let mut receiver = Lines::spawn(
+        &r3map,
+        &["sync", "receive", ours.to_str().unwrap(), "--from", &addr],
+    );
+    receiver.wait_for("up to date");
+    let start = Instant::now();
+    for block in choose(blocks, changed, &mut rng) {
+        let at = (block * BLOCK) as usize;
+        rng.fill(&mut mapped.data()[at..at + BLOCK as usize]);
+    }
+    let report = mapped.sync().unwrap();
+    assert_eq!(report.blocks.len() as u64, changed);
+    let (elapsed, bytes) = converge(&mut receiver, &source, start);
+    assert_same(&source, &ours);
+    let rsync = rsync_both(&mut rows, "change 3");
+    rows.push(Row {
+        name: "r3map mapped (writes + sync() → published)".into(),
+        time: elapsed,
+        bytes,
+        rsync,
+    });
+    drop(receiver);
+    drop(mapped);
     let load_after = std::fs::read_to_string("/proc/loadavg").unwrap();
 
-    println!("**r3map sync vs rsync --no-whole-file (daemon on loopback), {size_mib} MiB, {changed} of {blocks} 64 KiB blocks changed ({percent}%)**\n");
-    println!("| case | time to converge | time vs rsync | bytes on the wire | bytes vs changed bytes |");
-    println!("|---|---:|---:|---:|---:|");
-    let row = |name: &str, time: Duration, rsync: Duration, bytes: u64| {
+    println!("**r3map sync vs rsync --no-whole-file (daemon on loopback), {size_mib} MiB, {changed} of {blocks} 64 KiB blocks changed ({percent}%) per change**\n");
+    println!("| case | time to converge | vs rsync | vs rsync --fsync | bytes on the wire | bytes vs changed bytes |");
+    println!("|---|---:|---:|---:|---:|---:|");
+    for row in &rows {
         println!(
-            "| {name} | {:.2} s | {:.2} | {bytes} | {:.3} |",
-            time.as_secs_f64(),
-            time.as_secs_f64() / rsync.as_secs_f64(),
-            bytes as f64 / changed_bytes as f64
+            "| {} | {:.2} s | {:.2} | {:.2} | {} | {:.3} |",
+            row.name,
+            row.time.as_secs_f64(),
+            row.time.as_secs_f64() / row.rsync.0.as_secs_f64(),
+            row.time.as_secs_f64() / row.rsync.1.as_secs_f64(),
+            row.bytes,
+            row.bytes as f64 / changed_bytes as f64
         );
-    };
-    row("rsync, first change", rsync_cold, rsync_cold, rsync_cold_bytes);
-    row(
-        "r3map cold (advertiser start + receive --once)",
-        ours_cold,
-        rsync_cold,
-        ours_cold_bytes,
-    );
-    row(
-        "rsync, second change",
-        rsync_again,
-        rsync_again,
-        rsync_again_bytes,
-    );
-    row(
-        "r3map following (change event → published)",
-        ours_follow,
-        rsync_again,
-        ours_follow_bytes,
-    );
+    }
     println!(
         "\nload average before: {}, after: {}",
         load_before.trim(),
         load_after.trim()
     );
+}
+
+/// Waits until `receiver` published the version `source` holds now: a hash pass may see the
+/// writes half done and publish an intermediate version first, so converged is when the final
+/// one is published and every round's bytes count. Returns the time since `start` and the
+/// bytes.
+fn converge(receiver: &mut Lines, source: &Path, start: Instant) -> (Duration, u64) {
+    let file = std::fs::File::open(source).unwrap();
+    let version = r3map_sync::source::hex8(
+        &r3map_sync::BlockHashes::of_file(&file, BLOCK as u32, 2)
+            .unwrap()
+            .digest(),
+    );
+    let mut bytes = 0;
+    loop {
+        let (at, line) = receiver.wait_for_timed("published ");
+        bytes += wire_bytes(&line);
+        if line.contains(&format!("version {version} ")) {
+            eprintln!("{line}");
+            return (at - start, bytes);
+        }
+    }
 }
 
 fn write_random(path: &Path, size: u64, seed: u64) {
@@ -175,12 +258,18 @@ fn write_random(path: &Path, size: u64, seed: u64) {
     }
 }
 
-/// Overwrites `count` distinct random blocks with random bytes, in one open-write-close.
-fn change_blocks(path: &Path, blocks: u64, count: u64, rng: &mut rand::rngs::SmallRng) {
+/// `count` distinct random block indices, ascending.
+fn choose(blocks: u64, count: u64, rng: &mut rand::rngs::SmallRng) -> std::collections::BTreeSet<u64> {
     let mut chosen = std::collections::BTreeSet::new();
     while (chosen.len() as u64) < count {
         chosen.insert(rng.gen_range(0..blocks));
     }
+    chosen
+}
+
+/// Overwrites `count` distinct random blocks with random bytes, in one open-write-close.
+fn change_blocks(path: &Path, blocks: u64, count: u64, rng: &mut rand::rngs::SmallRng) {
+    let chosen = choose(blocks, count, rng);
     let file = std::fs::OpenOptions::new().write(true).open(path).unwrap();
     let mut data = vec![0u8; BLOCK as usize];
     for block in chosen {
@@ -269,13 +358,16 @@ impl RsyncDaemon {
         Self { child, port }
     }
 
-    /// Syncs `source` to the module's disk.img; returns the time and bytes sent + received.
-    fn sync(&self, source: &Path) -> (Duration, u64) {
+    /// Syncs `source` to the module's `name`, with `--fsync` if `fsync`; returns the time and
+    /// bytes sent + received.
+    fn sync(&self, source: &Path, name: &str, fsync: bool) -> (Duration, u64) {
         let start = Instant::now();
         let out = Command::new("rsync")
-            .args(["--no-whole-file", "--stats"])
+            // --ignore-times: a change within the mtime's granularity must not be skipped.
+            .args(["--no-whole-file", "--ignore-times", "--stats"])
+            .args(fsync.then_some("--fsync"))
             .arg(source)
-            .arg(format!("rsync://127.0.0.1:{}/m/disk.img", self.port))
+            .arg(format!("rsync://127.0.0.1:{}/m/{name}", self.port))
             .output()
             .unwrap();
         let elapsed = start.elapsed();
