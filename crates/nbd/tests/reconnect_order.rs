@@ -17,7 +17,9 @@ use common::cutting_proxy::{CuttingProxy, Upstream};
 use common::slow_backend::SlowBackend;
 use r3map_core::stages::{Connector, Pusher, PusherOptions, ReconnectOptions, Reconnecting};
 use r3map_core::{Backend, MemoryBackend, SharedBackend};
+use r3map_nbd::wire::cmd;
 use r3map_nbd::{Client, ClientOptions, Export, ServerConfig};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const CHUNK: u64 = 64 << 10;
 const CHUNKS: u64 = 8;
@@ -95,9 +97,11 @@ async fn a_write_held_by_the_server_across_a_cut_does_not_overwrite_a_newer_push
     // Without ordering, the writer finishes now: v1 again and v2 go through the new connection
     // while v1 is held. With it, nothing on the new connection passes the held write. Either
     // way the held write is released after this bounded wait; the assertions below hold for
-    // any release time.
+    // any release time. The wait is long enough for the unordered writer to finish on a loaded
+    // machine (it needs a reconnect and three local round trips), so that without ordering the
+    // test fails rather than releasing v1 first and passing by luck.
     let mut writer = writer;
-    let finished_early = tokio::time::timeout(Duration::from_millis(500), &mut writer).await;
+    let finished_early = tokio::time::timeout(Duration::from_secs(3), &mut writer).await;
     release.release();
     match finished_early {
         Ok(result) => result.unwrap().unwrap(),
@@ -164,7 +168,6 @@ async fn random_writes_and_cuts(
     proxy.set_policy(Arc::new(move |n| {
         let mut rng = Rng(policy_seed ^ n.wrapping_mul(0x2545_F491_4F6C_DD1D));
         // Most connections are cut within a few chunk pushes, some live longer.
-        let _ = n;
         let longest = if rng.below(8) == 0 { 32 * CHUNK } else { 4 * CHUNK };
         Some(rng.below(longest))
     }));
@@ -282,4 +285,125 @@ fn first_difference(a: &[u8], b: &[u8]) -> Option<(usize, u64)> {
         .zip(b)
         .position(|(x, y)| x != y)
         .map(|at| (at, at as u64 / CHUNK))
+}
+
+/// A client may pipeline writes, send NBD_CMD_DISC and shut its write side (an orderly
+/// half-close, as libnbd does): every write before the DISC is applied and answered. (Only a
+/// reset makes the server drop writes it has not started, see ARCHITECTURE.md.) With one
+/// request in flight and the first write held, the later writes are still unread when the
+/// half-close arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_before_a_disconnect_and_a_half_close_are_all_applied_and_answered() {
+    const WRITES: u64 = 5;
+    const LEN: u32 = 4096;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("nbd.sock");
+    let backend = SlowBackend::new(SIZE, Duration::ZERO, 1);
+    let mut config = ServerConfig::new(vec![Export::new("", backend.clone() as SharedBackend)]);
+    config.max_in_flight = 1;
+    let server = common::serve(config, Some(&path)).await;
+
+    let socket = std::os::unix::net::UnixStream::connect(&path).unwrap();
+    socket.set_nonblocking(true).unwrap();
+    let negotiated = tokio::net::UnixStream::from_std(socket.try_clone().unwrap()).unwrap();
+    Client::negotiate_simple(negotiated, "", Duration::from_secs(20))
+        .await
+        .unwrap();
+    let mut socket = tokio::net::UnixStream::from_std(socket).unwrap();
+    let offset = |handle: u64| handle * CHUNK;
+
+    let (held, release) = backend.hold_next_write(0..CHUNK);
+    socket
+        .write_all(&request(cmd::WRITE, 0, offset(0), LEN))
+        .await
+        .unwrap();
+    held.await.unwrap();
+    let mut rest = Vec::new();
+    for handle in 1..WRITES {
+        rest.extend(request(cmd::WRITE, handle, offset(handle), LEN));
+    }
+    rest.extend(request(cmd::DISC, WRITES, 0, 0));
+    socket.write_all(&rest).await.unwrap();
+    socket.shutdown().await.unwrap();
+    release.release();
+
+    let mut replies = Vec::new();
+    tokio::time::timeout(Duration::from_secs(60), socket.read_to_end(&mut replies))
+        .await
+        .expect("the server answers and closes")
+        .unwrap();
+    assert_eq!(
+        replies.len(),
+        16 * WRITES as usize,
+        "every write gets a simple reply, and nothing else comes"
+    );
+    let mut answered: Vec<u64> = replies
+        .chunks(16)
+        .map(|reply| {
+            assert_eq!(reply[..4], 0x6744_6698u32.to_be_bytes(), "simple reply magic");
+            assert_eq!(reply[4..8], [0; 4], "the write succeeded");
+            u64::from_be_bytes(reply[8..16].try_into().unwrap())
+        })
+        .collect();
+    answered.sort_unstable();
+    assert_eq!(answered, (0..WRITES).collect::<Vec<_>>());
+    let remote = read_all(&backend.data).await;
+    for handle in 0..WRITES {
+        let at = offset(handle) as usize;
+        assert!(
+            remote[at..at + LEN as usize]
+                .iter()
+                .all(|&b| b == 0xA0 + handle as u8),
+            "write {handle} was not applied"
+        );
+    }
+    server.stop().await;
+}
+
+/// The FLUSH barrier is per export: a flush of one export does not wait for a write that
+/// another export of the same server is still applying (a slow store beside a local file).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flush_does_not_wait_for_writes_to_another_export() {
+    let slow = SlowBackend::new(SIZE, Duration::ZERO, 1);
+    let fast: SharedBackend = Arc::new(MemoryBackend::new(SIZE));
+    let server = common::serve(
+        ServerConfig::new(vec![
+            Export::new("slow", slow.clone() as SharedBackend),
+            Export::new("fast", fast.clone()),
+        ]),
+        None,
+    )
+    .await;
+    let slow_client = Client::connect(&server.uri_for("slow"), ClientOptions::default())
+        .await
+        .unwrap();
+    let fast_client = Client::connect(&server.uri_for("fast"), ClientOptions::default())
+        .await
+        .unwrap();
+    let (held, release) = slow.hold_next_write(0..CHUNK);
+    let held_write = tokio::spawn(async move { slow_client.write_at(0, &[1; 4096]).await });
+    held.await.unwrap();
+    fast_client.write_at(0, &[2; 4096]).await.unwrap();
+    let flushed = tokio::time::timeout(Duration::from_secs(30), fast_client.sync()).await;
+    release.release();
+    flushed
+        .expect("the flush of one export waited for a held write to another")
+        .unwrap();
+    held_write.await.unwrap().unwrap();
+    server.stop().await;
+}
+
+/// A compact request; a WRITE carries `len` bytes of `0xA0 + handle`.
+fn request(command: u16, handle: u64, offset: u64, len: u32) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    bytes.extend_from_slice(&0x2560_9513u32.to_be_bytes());
+    bytes.extend_from_slice(&0u16.to_be_bytes());
+    bytes.extend_from_slice(&command.to_be_bytes());
+    bytes.extend_from_slice(&handle.to_be_bytes());
+    bytes.extend_from_slice(&offset.to_be_bytes());
+    bytes.extend_from_slice(&len.to_be_bytes());
+    if command == cmd::WRITE {
+        bytes.extend(std::iter::repeat_n(0xA0 + handle as u8, len as usize));
+    }
+    bytes
 }

@@ -8,8 +8,9 @@
 //!   contexts, `GO`).
 //! - `transmission`: reading and checking requests and running them against the backend.
 //! - `reply_writer`: sending replies (vectored, with a write deadline).
-//! - `ordering`: a FLUSH waits for the writes running on every connection, and a write of a
-//!   connection its client already closed is not started (ordering across reconnects).
+//! - `ordering`: a FLUSH waits for the writes to its export running on every connection, and a
+//!   write of a connection its client already reset is not started (ordering across
+//!   reconnects).
 //!
 //! Transmission runs three kinds of work per connection: the connection task reads and
 //! validates requests, each valid request runs as its own task against the backend (bounded by
@@ -314,8 +315,9 @@ struct State {
     memory: Arc<Semaphore>,
     memory_budget: usize,
     shutdown: watch::Sender<bool>,
-    /// Writes running on every connection, which a FLUSH waits for.
-    writes: Arc<ordering::WriteBarrier>,
+    /// Per export (same order as `exports`): the writes running on every connection to it,
+    /// which a FLUSH of that export waits for (and a FLUSH of another export does not).
+    writes: Vec<Arc<ordering::WriteBarrier>>,
 }
 
 impl State {
@@ -324,6 +326,16 @@ impl State {
             return self.exports.first();
         }
         self.exports.iter().find(|e| e.name == name)
+    }
+
+    /// The write barrier of `export` (one of `exports`).
+    fn writes_of(&self, export: &Arc<Export>) -> Arc<ordering::WriteBarrier> {
+        let index = self
+            .exports
+            .iter()
+            .position(|e| Arc::ptr_eq(e, export))
+            .expect("a session's export is one of the server's");
+        self.writes[index].clone()
     }
 }
 
@@ -341,6 +353,7 @@ impl Service {
         let (shutdown, _) = watch::channel(false);
         Ok(Self {
             state: Arc::new(State {
+                writes: config.exports.iter().map(|_| Arc::default()).collect(),
                 exports: config.exports.into_iter().map(Arc::new).collect(),
                 tls: config.tls,
                 require_tls: config.require_tls,
@@ -355,7 +368,6 @@ impl Service {
                 memory: Arc::new(Semaphore::new(config.memory_budget)),
                 memory_budget: config.memory_budget,
                 shutdown,
-                writes: Arc::default(),
             }),
         })
     }

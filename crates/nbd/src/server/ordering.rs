@@ -5,9 +5,10 @@
 //! - [`WriteBarrier`]: a FLUSH waits until every write the server took before it, on any
 //!   connection, has finished. A client that flushes a new connection before its first write
 //!   thereby waits out the writes of its old connections that were already running.
-//! - [`PeerProbe`]: a write read from a connection whose peer has already closed it is not
-//!   started. The client gave up that connection before it made the new one, so a write of
-//!   the old connection that is not running when the new connection's FLUSH arrives never runs.
+//! - [`PeerProbe`]: a write read from a connection whose peer has already reset it is not
+//!   started. The client gave up that connection (with a reset) before it made the new one, so
+//!   a write of the old connection that is not running when the new connection's FLUSH
+//!   arrives never runs.
 
 use std::collections::BTreeSet;
 use std::os::fd::{AsFd, OwnedFd};
@@ -77,8 +78,8 @@ impl Drop for WriteTicket {
     }
 }
 
-/// Tells whether the client has closed (or reset) its end of a socket, without reading it:
-/// data it sent before closing may still wait unread in the socket.
+/// Tells whether the client has reset (or fully closed) its end of a socket, without reading
+/// it: data it sent before that may still wait unread in the socket.
 pub(super) struct PeerProbe(OwnedFd);
 
 impl PeerProbe {
@@ -87,17 +88,77 @@ impl PeerProbe {
         Ok(Self(socket.as_fd().try_clone_to_owned()?))
     }
 
-    /// Whether the peer has closed or reset the connection.
+    /// Whether the peer has reset the connection (or closed it with replies unread, which the
+    /// kernel also turns into a reset). An orderly half-close (FIN, POLLRDHUP alone) does not
+    /// count: a client may send writes, NBD_CMD_DISC and shut its write side, and the spec
+    /// requires those writes to be handled. The reconnect stage gives connections up with a
+    /// reset (SO_LINGER 0), which is what this must see.
     pub(super) fn peer_gone(&self) -> bool {
-        // nix does not name POLLRDHUP (set when the peer's FIN arrived, before it is read).
-        let rdhup = PollFlags::from_bits_retain(libc::POLLRDHUP);
-        let mut fds = [PollFd::new(self.0.as_fd(), rdhup)];
+        // POLLERR and POLLHUP are reported whatever is asked for.
+        let mut fds = [PollFd::new(self.0.as_fd(), PollFlags::empty())];
         match poll(&mut fds, PollTimeout::ZERO) {
             Ok(0) => false,
             Ok(_) => fds[0]
                 .revents()
-                .is_some_and(|events| events.intersects(rdhup | PollFlags::POLLHUP | PollFlags::POLLERR)),
+                .is_some_and(|events| events.intersects(PollFlags::POLLHUP | PollFlags::POLLERR)),
             Err(_) => false,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::net::{Shutdown, TcpListener, TcpStream};
+    use std::time::{Duration, Instant};
+
+    use super::PeerProbe;
+
+    /// A connected loopback pair: (client, server).
+    fn pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        (client, server)
+    }
+
+    /// Polls until `probe` says the peer is gone, for at most a minute (a reset on loopback
+    /// arrives at once; the bound only keeps a broken probe from hanging the test).
+    fn becomes_gone(probe: &PeerProbe) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if probe.peer_gone() {
+                return true;
+            }
+            std::thread::yield_now();
+        }
+        false
+    }
+
+    #[test]
+    fn a_reset_counts_as_gone_even_with_data_unread() {
+        let (mut client, server) = pair();
+        let probe = PeerProbe::new(&server).unwrap();
+        assert!(!probe.peer_gone(), "an open connection");
+        client.write_all(&[1; 4096]).unwrap();
+        socket2::SockRef::from(&client)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+        drop(client);
+        assert!(becomes_gone(&probe), "a reset was never seen");
+    }
+
+    #[test]
+    fn an_orderly_half_close_does_not_count_as_gone() {
+        let (mut client, server) = pair();
+        let probe = PeerProbe::new(&server).unwrap();
+        client.write_all(&[1; 4096]).unwrap();
+        client.shutdown(Shutdown::Write).unwrap();
+        // The FIN is on the server's socket once a read sees the end of the data.
+        let mut reader = server.try_clone().unwrap();
+        let mut data = Vec::new();
+        std::io::Read::read_to_end(&mut reader, &mut data).unwrap();
+        assert_eq!(data.len(), 4096);
+        assert!(!probe.peer_gone(), "a half-close taken for a reset");
     }
 }

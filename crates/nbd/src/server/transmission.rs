@@ -389,6 +389,7 @@ pub(super) async fn transmission(
         framing = ?session.framing,
         "client entered transmission"
     );
+    let writes = state.writes_of(&session.export);
     let session = Arc::new(session);
     let (mut reader, writer) = tokio::io::split(io);
     let (tx, rx) = mpsc::channel::<Outgoing>(state.max_in_flight);
@@ -495,7 +496,7 @@ pub(super) async fn transmission(
             // Registered before the probe looks, so a write either runs before a FLUSH taken
             // after its client's close, with the FLUSH waiting for it, or never (ordering.rs).
             let changes = matches!(request.command, cmd::WRITE | cmd::TRIM | cmd::WRITE_ZEROES);
-            let running = changes.then(|| state.writes.begin());
+            let running = changes.then(|| writes.begin());
             if changes && probe.as_ref().is_some_and(PeerProbe::peer_gone) {
                 tracing::debug!(
                     handle = request.handle,
@@ -503,7 +504,7 @@ pub(super) async fn transmission(
                 );
                 break 'read Stop::Client;
             }
-            let barrier = (request.command == cmd::FLUSH).then(|| state.writes.clone());
+            let barrier = (request.command == cmd::FLUSH).then(|| writes.clone());
             let session = session.clone();
             let pool = pool.clone();
             let backlog = backlog.clone();
