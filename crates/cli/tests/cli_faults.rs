@@ -11,7 +11,7 @@ use std::os::unix::fs::FileExt;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{have_fuse, mounted_path, serve, Proc};
+use common::{free_port, have_fuse, mounted_path, serve, Proc};
 use r3map_core::testing::pattern;
 
 const LONG: Duration = Duration::from_secs(60);
@@ -24,14 +24,6 @@ const SHUTDOWN_BOUND: Duration = Duration::from_secs(2 + 5);
 
 /// Slack for a loaded machine (process start-up, FUSE unmount, the line collector's drain).
 const SLACK: Duration = Duration::from_secs(5);
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// Runs `dd` with `args`; returns whether it succeeded, its stderr and how long it took.
 fn dd(args: &[&str]) -> (bool, String, Duration) {

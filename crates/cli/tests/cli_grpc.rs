@@ -6,18 +6,10 @@ mod common;
 use std::os::unix::fs::FileExt;
 use std::time::Duration;
 
-use common::{have_fuse, mounted_path, run, Proc};
+use common::{free_port, have_fuse, mounted_path, run, Proc};
 use r3map_core::testing::pattern;
 
 const LONG: Duration = Duration::from_secs(120);
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// Starts `r3map serve EXPORT --grpc …`; returns the process and its grpc:// URI prefix.
 fn serve_grpc(export: &str, extra: &[&str]) -> (Proc, String) {

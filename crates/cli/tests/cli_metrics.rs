@@ -162,6 +162,9 @@ fn a_managed_mount_reports_pull_progress_dirty_and_pushed_bytes() {
 /// A program's memory through the slice frontend: its faults are timed.
 #[test]
 fn slice_faults_are_timed() {
+    if !common::have_userfaultfd() {
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
     let content = pattern(5, 2 << 20);
     let (server, uri, _) = serve_file(dir.path(), &content);
@@ -245,8 +248,7 @@ fn a_migration_reports_phase_rounds_and_downtime() {
         "--metrics",
         "127.0.0.1:0",
     ]);
-    let line = seeder.wait_for("seeding ", LONG);
-    let uri = line.rsplit(" at ").next().unwrap().trim().to_string();
+    let uri = common::reported_address(&mut seeder, "seeding ", LONG);
     let seeder_metrics = metrics_addr(&mut seeder, LONG);
     let idle = Scrape::get(&seeder_metrics);
     assert_eq!(idle.value("r3map_migration_phase", &[("phase", "serving")]), 1.0);

@@ -22,8 +22,7 @@ fn writer_binary() -> PathBuf {
 
 /// `seeding … at grpc://ADDR` → `grpc://ADDR`.
 fn seeding_uri(seeder: &mut Proc) -> String {
-    let line = seeder.wait_for("seeding ", LONG);
-    line.rsplit(" at ").next().unwrap().trim().to_string()
+    common::reported_address(seeder, "seeding ", LONG)
 }
 
 /// The number after `label` in a leecher's report line (e.g. "re-pulled       12 chunks").
@@ -204,8 +203,7 @@ fn a_file_that_is_being_written_migrates_with_precopy_rounds() {
 /// write-protect dirty tracking) keeps changing while it migrates.
 #[test]
 fn the_memory_of_a_running_program_migrates_through_the_slice_frontend() {
-    if let Err(err) = r3map_frontends::uffd::Uffd::create() {
-        r3map_core::testing::skip(&format!("userfaultfd is not available to this process: {err}"));
+    if !common::have_userfaultfd() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -243,8 +241,7 @@ fn a_resource_migrates_along_a_chain_of_three_hosts() {
     let mut a = Proc::start(&["migrate", "seed", &resource, "--listen", "127.0.0.1:0"]);
     let a_uri = seeding_uri(&mut a);
     let mut b = Proc::start(&["migrate", "leech", &a_uri, "--then-seed", "127.0.0.1:0"]);
-    let line = b.wait_for("seeding onward at", LONG);
-    let b_uri = line.rsplit(" at ").next().unwrap().trim().to_string();
+    let b_uri = common::reported_address(&mut b, "seeding onward at", LONG);
     a.wait_for("migration complete", LONG);
     assert!(a.wait_exit(LONG), "A failed");
     leech_into(&b_uri, &dest, &["--verify"]);

@@ -7,18 +7,10 @@ use std::os::unix::fs::FileExt;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{have_fuse, mounted_path, run, serve, Proc};
+use common::{free_port, have_fuse, mounted_path, run, serve, Proc};
 use r3map_core::testing::pattern;
 
 const LONG: Duration = Duration::from_secs(60);
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// The demo as a user runs it, and its claim checked from outside: after it unmounted, another
 /// NBD client reads the demo's writes from the demo's server.
@@ -383,6 +375,9 @@ fn kernel_block_device_frontends_name_what_the_kernel_lacks() {
 /// remote's bytes, and its writes reach the server after it asks for a sync.
 #[test]
 fn the_slice_frontend_serves_another_programs_memory() {
+    if !common::have_userfaultfd() {
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("remote.img");
     let content = pattern(9, 2 << 20);
@@ -436,6 +431,9 @@ fn the_slice_frontend_serves_another_programs_memory() {
 /// instead of reading as zeros.
 #[test]
 fn a_stopped_slice_mount_writes_back_unsynced_changes_and_never_serves_zeros() {
+    if !common::have_userfaultfd() {
+        return;
+    }
     use std::io::BufRead;
     use std::os::unix::process::ExitStatusExt;
     let dir = tempfile::tempdir().unwrap();

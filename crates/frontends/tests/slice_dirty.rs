@@ -64,7 +64,7 @@ fn exact_tracking(tracking: WriteTracking, expected_mode: TrackingMode) {
 
 #[test]
 fn async_dirty_tracking_is_exact() {
-    if !common::have_userfaultfd() {
+    if !common::have_async_tracking() {
         return;
     }
     exact_tracking(WriteTracking::Auto, TrackingMode::AsyncWriteProtect);

@@ -67,7 +67,7 @@ impl Drop for Served {
 
 #[test]
 fn serves_faults_and_tracks_writes_of_another_process() {
-    if !common::have_userfaultfd() {
+    if !common::have_async_tracking() {
         return;
     }
     let chunk = 16 * PAGE;

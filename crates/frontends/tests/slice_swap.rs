@@ -165,11 +165,11 @@ fn child() {
 
 #[test]
 fn written_pages_in_swap_are_dirty() {
-    if !common::have_userfaultfd() {
-        return;
-    }
     if std::env::var(CHILD_ENV).is_ok() {
         return child();
+    }
+    if !common::have_async_tracking() {
+        return;
     }
     let setup = match swap_limit() {
         Ok(setup) => setup,

@@ -148,29 +148,9 @@ async fn every_extension_call_round_trips() {
         ),
         (vec![], [Encoding::Raw, Encoding::Raw, Encoding::Raw]),
     ] {
-        let mut stream = ext
-            .read_chunks(ReadChunksArgs {
-                ranges: vec![
-                    Range {
-                        offset: 0,
-                        length: 4096,
-                    },
-                    Range {
-                        offset: 20_000,
-                        length: 8192,
-                    },
-                    Range {
-                        offset: 30_000,
-                        length: 10,
-                    },
-                ],
-                accept,
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let chunks = read_chunks(&mut ext, &[(0, 4096), (20_000, 8192), (30_000, 10)], accept).await;
         let mut got = Vec::new();
-        while let Some(chunk) = stream.message().await.unwrap() {
+        for chunk in chunks {
             got.push(Encoding::try_from(chunk.encoding).unwrap());
             if chunk.encoding == Encoding::Lz4 as i32 {
                 assert!(
@@ -198,37 +178,45 @@ async fn a_server_with_compression_off_sends_raw_chunks_but_elides_zeros() {
         let mut ext = BackendExtensionClient::connect(format!("http://{}", running.addr()))
             .await
             .unwrap();
-        let mut stream = ext
-            .read_chunks(ReadChunksArgs {
-                ranges: vec![
-                    Range {
-                        offset: 0,
-                        length: 4096,
-                    },
-                    Range {
-                        offset: 20_000,
-                        length: 8192,
-                    },
-                ],
-                accept: vec![Encoding::Zero as i32, Encoding::Lz4 as i32],
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        let zeros = stream.message().await.unwrap().unwrap();
+        let accept = vec![Encoding::Zero as i32, Encoding::Lz4 as i32];
+        let chunks = read_chunks(&mut ext, &[(0, 4096), (20_000, 8192)], accept).await;
+        let [zeros, chunk] = &chunks[..] else {
+            panic!("two ranges gave {} chunks", chunks.len());
+        };
         assert_eq!((zeros.encoding, zeros.data.len()), (Encoding::Zero as i32, 0));
-        let chunk = stream.message().await.unwrap().unwrap();
         assert_eq!(chunk.encoding, want as i32, "compress({compress})");
         let mut decoded = vec![0u8; 8192];
-        r3map_grpc::chunk::decode_into(&chunk, &mut decoded).unwrap();
+        r3map_grpc::chunk::decode_into(chunk, &mut decoded).unwrap();
         assert_eq!(&decoded[..], &text[..8192]);
-        assert!(stream.message().await.unwrap().is_none());
         let client = GrpcBackend::connect(&running.addr(), "", ClientOptions::default())
             .await
             .unwrap();
         assert_eq!(common::contents(&client).await, common::contents(&*backend).await);
         running.stop().await;
     }
+}
+
+/// Reads `(offset, length)` ranges through the extension's `ReadChunks`, accepting `accept`
+/// encodings; returns every chunk of the stream, in order.
+async fn read_chunks(
+    ext: &mut BackendExtensionClient<tonic::transport::Channel>,
+    ranges: &[(u64, u64)],
+    accept: Vec<i32>,
+) -> Vec<Chunk> {
+    let ranges = ranges
+        .iter()
+        .map(|&(offset, length)| Range { offset, length })
+        .collect();
+    let mut stream = ext
+        .read_chunks(ReadChunksArgs { ranges, accept })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut chunks = Vec::new();
+    while let Some(chunk) = stream.message().await.unwrap() {
+        chunks.push(chunk);
+    }
+    chunks
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

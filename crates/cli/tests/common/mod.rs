@@ -213,6 +213,13 @@ pub fn assert_holds_the_mirrored_content(path: &std::path::Path, stdout: &str, b
     );
 }
 
+/// The address a process reports on a line with `marker` ("seeding … at grpc://ADDR" →
+/// `grpc://ADDR`), waiting up to `timeout` for that line.
+pub fn reported_address(proc: &mut Proc, marker: &str, timeout: Duration) -> String {
+    let line = proc.wait_for(marker, timeout);
+    line.rsplit(" at ").next().unwrap().trim().to_string()
+}
+
 /// The path a `mount` process reported ("mounted … at PATH").
 pub fn mounted_path(line: &str) -> String {
     line.rsplit(" at ").next().unwrap().to_string()
@@ -230,6 +237,17 @@ pub fn have_tool(tool: &str, version_arg: &str) -> bool {
         ));
     }
     found
+}
+
+/// Whether this kernel gives the slice frontend what `r3map mount --frontend slice` asks for
+/// (userfaultfd with UFFDIO_POISON; skips the test with the missing feature named if not).
+pub fn have_userfaultfd() -> bool {
+    let options = r3map_frontends::slice::RegionOptions::default();
+    if let Err(err) = r3map_frontends::slice::probe(&options, false) {
+        r3map_core::testing::skip(&format!("userfaultfd is unavailable here: {err}"));
+        return false;
+    }
+    true
 }
 
 /// Whether this machine can run FUSE and loop devices (skips the test with a reason if not).

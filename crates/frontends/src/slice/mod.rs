@@ -61,6 +61,7 @@ pub use options::{
 };
 pub use region::{Region, RegionHandle};
 pub use remote::{hand_over, RemoteRegion, RemoteRequest};
+pub use state::probe;
 
 /// Why a region could not be set up or a tracking operation failed.
 #[derive(Debug, thiserror::Error)]

@@ -101,6 +101,92 @@ const NO_POISON: &str = "UFFDIO_POISON (UFFD_FEATURE_POISON, Linux 6.6+), which 
 chunk cannot be fetched raise SIGBUS; without it that fault could only be answered with zeros. \
 Use FailedFetch::Retry to keep such faults blocked and retried instead";
 
+/// What the kernel offers a region with `options`: the probed features minus those the options
+/// say to ignore (tests use that to play an older kernel).
+fn available_features(options: &RegionOptions) -> Result<Features, UffdError> {
+    let probed = Uffd::probe()?;
+    Ok(Features {
+        features: probed.features & !options.ignore_features,
+        ..probed
+    })
+}
+
+/// What a region asks the kernel for, decided from what the kernel offers.
+struct Negotiated {
+    /// `UFFD_FEATURE_*` bits for the UFFDIO_API handshake.
+    wanted: u64,
+    tracking: TrackingMode,
+    /// UFFD_FEATURE_POISON is offered (the ioctl itself is checked after registering).
+    poison_supported: bool,
+}
+
+/// Chooses the features and the tracking mode, or names the first missing feature that the
+/// options cannot do without.
+fn negotiate(available: Features, shmem: bool, options: &RegionOptions) -> Result<Negotiated, UffdError> {
+    // FORK and REMAP are asked for so that a fork or mremap of the range is seen and
+    // answered (see the handler) instead of silently unregistering the copy or the moved
+    // part, whose never-fetched pages would then read as zeros.
+    let mut wanted = u64::from(
+        raw::UFFD_FEATURE_EVENT_REMOVE
+            | raw::UFFD_FEATURE_EVENT_UNMAP
+            | raw::UFFD_FEATURE_EVENT_FORK
+            | raw::UFFD_FEATURE_EVENT_REMAP,
+    );
+    if shmem {
+        if !available.has(raw::UFFD_FEATURE_MISSING_SHMEM) {
+            return Err(UffdError::Unsupported(
+                "userfaultfd on shared memory (UFFD_FEATURE_MISSING_SHMEM, Linux 4.11+)".into(),
+            ));
+        }
+        wanted |= u64::from(raw::UFFD_FEATURE_MISSING_SHMEM);
+    }
+    let wp_possible = available.has(raw::UFFD_FEATURE_PAGEFAULT_FLAG_WP)
+        && (!shmem || available.has(raw::UFFD_FEATURE_WP_HUGETLBFS_SHMEM));
+    let tracking = match options.write_tracking {
+        WriteTracking::Off => TrackingMode::Off,
+        _ if !wp_possible => {
+            tracing::warn!("the kernel has no userfaultfd write-protect here; writes are not tracked");
+            TrackingMode::Off
+        }
+        WriteTracking::Auto if available.has(raw::UFFD_FEATURE_WP_ASYNC) => TrackingMode::AsyncWriteProtect,
+        WriteTracking::Auto => {
+            tracing::warn!("no UFFD_FEATURE_WP_ASYNC; tracking writes with write-protect faults");
+            TrackingMode::SyncWriteProtect
+        }
+        WriteTracking::Sync => TrackingMode::SyncWriteProtect,
+    };
+    if tracking != TrackingMode::Off {
+        wanted |= u64::from(raw::UFFD_FEATURE_PAGEFAULT_FLAG_WP);
+        if shmem {
+            wanted |= u64::from(raw::UFFD_FEATURE_WP_HUGETLBFS_SHMEM);
+        }
+    }
+    if tracking == TrackingMode::AsyncWriteProtect {
+        wanted |= u64::from(raw::UFFD_FEATURE_WP_ASYNC);
+    }
+    let poison_supported = available.has(raw::UFFD_FEATURE_POISON);
+    if poison_supported {
+        wanted |= u64::from(raw::UFFD_FEATURE_POISON);
+    } else if options.failed_fetch == FailedFetch::Sigbus {
+        return Err(UffdError::Unsupported(NO_POISON.into()));
+    }
+    Ok(Negotiated {
+        wanted,
+        tracking,
+        poison_supported,
+    })
+}
+
+/// Whether this kernel can give a region with `options` what it asks for, without creating one:
+/// the tracking mode it would run, or the same error naming the missing feature that creating
+/// the region gives. For callers choosing a frontend, and for tests that must be counted as
+/// skipped where the kernel lacks a feature. (The ioctls available on the memory itself, and
+/// PAGEMAP_SCAN, are only checked when a region registers its range; UFFD_FEATURE_WP_ASYNC
+/// and PAGEMAP_SCAN came with the same kernel, 6.7.)
+pub fn probe(options: &RegionOptions, shared_memory: bool) -> Result<TrackingMode, RegionError> {
+    Ok(negotiate(available_features(options)?, shared_memory, options)?.tracking)
+}
+
 impl Inner {
     #[allow(clippy::too_many_arguments)]
     pub(super) fn setup(
@@ -124,61 +210,11 @@ impl Inner {
             .map_err(|e| RegionError::InvalidConfig(e.to_string()))?;
         let map_len = size.div_ceil(page) * page;
 
-        let probed = Uffd::probe()?;
-        let available = Features {
-            features: probed.features & !options.ignore_features,
-            ..probed
-        };
-        // FORK and REMAP are asked for so that a fork or mremap of the range is seen and
-        // answered (see the handler) instead of silently unregistering the copy or the moved
-        // part, whose never-fetched pages would then read as zeros.
-        let mut wanted = u64::from(
-            raw::UFFD_FEATURE_EVENT_REMOVE
-                | raw::UFFD_FEATURE_EVENT_UNMAP
-                | raw::UFFD_FEATURE_EVENT_FORK
-                | raw::UFFD_FEATURE_EVENT_REMAP,
-        );
-        if shmem {
-            if !available.has(raw::UFFD_FEATURE_MISSING_SHMEM) {
-                return Err(UffdError::Unsupported(
-                    "userfaultfd on shared memory (UFFD_FEATURE_MISSING_SHMEM, Linux 4.11+)".into(),
-                )
-                .into());
-            }
-            wanted |= u64::from(raw::UFFD_FEATURE_MISSING_SHMEM);
-        }
-        let wp_possible = available.has(raw::UFFD_FEATURE_PAGEFAULT_FLAG_WP)
-            && (!shmem || available.has(raw::UFFD_FEATURE_WP_HUGETLBFS_SHMEM));
-        let tracking = match options.write_tracking {
-            WriteTracking::Off => TrackingMode::Off,
-            _ if !wp_possible => {
-                tracing::warn!("the kernel has no userfaultfd write-protect here; writes are not tracked");
-                TrackingMode::Off
-            }
-            WriteTracking::Auto if available.has(raw::UFFD_FEATURE_WP_ASYNC) => {
-                TrackingMode::AsyncWriteProtect
-            }
-            WriteTracking::Auto => {
-                tracing::warn!("no UFFD_FEATURE_WP_ASYNC; tracking writes with write-protect faults");
-                TrackingMode::SyncWriteProtect
-            }
-            WriteTracking::Sync => TrackingMode::SyncWriteProtect,
-        };
-        if tracking != TrackingMode::Off {
-            wanted |= u64::from(raw::UFFD_FEATURE_PAGEFAULT_FLAG_WP);
-            if shmem {
-                wanted |= u64::from(raw::UFFD_FEATURE_WP_HUGETLBFS_SHMEM);
-            }
-        }
-        if tracking == TrackingMode::AsyncWriteProtect {
-            wanted |= u64::from(raw::UFFD_FEATURE_WP_ASYNC);
-        }
-        let poison_supported = available.has(raw::UFFD_FEATURE_POISON);
-        if poison_supported {
-            wanted |= u64::from(raw::UFFD_FEATURE_POISON);
-        } else if options.failed_fetch == FailedFetch::Sigbus {
-            return Err(UffdError::Unsupported(NO_POISON.into()).into());
-        }
+        let Negotiated {
+            wanted,
+            tracking,
+            poison_supported,
+        } = negotiate(available_features(options)?, shmem, options)?;
         let features = uffd.api(wanted)?;
         let ioctls = uffd.register(
             base,

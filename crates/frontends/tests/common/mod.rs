@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use r3map_core::{Backend, Error, Result};
+use r3map_frontends::slice::{RegionOptions, TrackingMode};
 use tokio::sync::{watch, Notify};
 
 /// The byte a [`PatternBackend`] holds at `offset`.
@@ -105,11 +106,32 @@ pub fn shared<B: Backend>(b: B) -> (Arc<B>, r3map_core::SharedBackend) {
 
 pub const PAGE: u64 = 4096;
 
-/// Whether this kernel offers userfaultfd (the slice frontend's base); when it does not (no
-/// syscall, or `vm.unprivileged_userfaultfd` and no privilege), the test is counted as skipped.
+/// Whether this kernel offers userfaultfd with what a default region needs (UFFDIO_POISON
+/// among it); when it does not (no syscall, `vm.unprivileged_userfaultfd` and no privilege, or
+/// an older kernel), the test is counted as skipped with the missing feature named.
 pub fn have_userfaultfd() -> bool {
-    match r3map_frontends::uffd::Uffd::probe() {
+    match r3map_frontends::slice::probe(&RegionOptions::default(), false) {
         Ok(_) => true,
+        Err(err) => {
+            r3map_core::testing::skip(&format!("userfaultfd is unavailable here: {err}"));
+            false
+        }
+    }
+}
+
+/// Whether a default region here tracks writes with async write-protect
+/// (UFFD_FEATURE_WP_ASYNC and PAGEMAP_SCAN, Linux 6.7+); tests of that mode are counted as
+/// skipped without it.
+pub fn have_async_tracking() -> bool {
+    match r3map_frontends::slice::probe(&RegionOptions::default(), false) {
+        Ok(TrackingMode::AsyncWriteProtect) => true,
+        Ok(mode) => {
+            r3map_core::testing::skip(&format!(
+                "this kernel tracks writes as {mode:?}, not with async write-protect \
+                 (UFFD_FEATURE_WP_ASYNC and PAGEMAP_SCAN, Linux 6.7+)"
+            ));
+            false
+        }
         Err(err) => {
             r3map_core::testing::skip(&format!("userfaultfd is unavailable here: {err}"));
             false
