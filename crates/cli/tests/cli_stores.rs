@@ -217,3 +217,57 @@ fn a_store_that_is_down_or_refuses_the_credentials_is_named() {
     );
     assert!(!ok && stderr.contains("no S3 credentials"), "{stderr}");
 }
+
+/// `migrate seed` and `migrate leech` take the store credentials flags: a resource in a Redis
+/// server that requires a password migrates into another prefix of it (`--to redis://…`), and
+/// the destination holds the source's bytes.
+#[test]
+fn a_migration_reads_and_writes_a_store_that_requires_a_password() {
+    let server = match RedisServer::start(&["--requirepass", "sesame"]) {
+        Ok(server) => server,
+        Err(reason) => return skip(&reason),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let password = dir.path().join("password");
+    std::fs::write(&password, "sesame\n").unwrap();
+    let options = |prefix: &str| RedisOptions {
+        password: Some("sesame".into()),
+        ..RedisOptions::standalone(server.address(), prefix)
+    };
+    let content = pattern(21, SIZE as usize);
+    redis_content(&options("src"), SIZE, Some(&content));
+
+    let (src, dest) = (
+        redis_spec(&server.address(), "src", SIZE),
+        redis_spec(&server.address(), "dest", SIZE),
+    );
+    let password = password.to_str().unwrap();
+    let mut seeder = Proc::start(&[
+        "migrate",
+        "seed",
+        &src,
+        "--chunk-size",
+        "64KiB",
+        "--listen",
+        "127.0.0.1:0",
+        "--redis-password-file",
+        password,
+    ]);
+    let uri = common::reported_address(&mut seeder, "seeding ", LONG);
+    let mut leecher = Proc::start(&[
+        "migrate",
+        "leech",
+        &uri,
+        "--to",
+        &dest,
+        "--redis-password-file",
+        password,
+    ]);
+    leecher.wait_for("migration complete", LONG);
+    assert!(leecher.wait_exit(LONG), "the leecher failed");
+    assert!(seeder.wait_exit(LONG), "the seeder failed");
+    assert!(
+        redis_content(&options("dest"), SIZE, None) == content,
+        "the destination prefix does not hold the migrated bytes"
+    );
+}

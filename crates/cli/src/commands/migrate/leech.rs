@@ -67,6 +67,8 @@ pub struct Args {
     #[command(flatten)]
     onward: OnwardArgs,
     #[command(flatten)]
+    stores: crate::remote::StoreArgs,
+    #[command(flatten)]
     metrics: crate::metrics::MetricsArgs,
 }
 
@@ -90,8 +92,12 @@ pub async fn run(args: Args) -> Result<()> {
     let started = Instant::now();
     let link = metrics.seeder_link(transport::connect(&args.seeder, &args.link).await?);
     let info = link.info().await.context("cannot reach the seeder")?;
+    let remote = r3map_mount::RemoteOptions {
+        stores: args.stores.credentials()?,
+        ..Default::default()
+    };
     let local: SharedBackend = to
-        .open_with(Some(info.size), &Default::default())
+        .open_with(Some(info.size), &remote)
         .await
         .with_context(|| format!("cannot open --to {}", args.to))?;
     let options = LeecherOptions {

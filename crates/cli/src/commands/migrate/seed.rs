@@ -59,6 +59,8 @@ pub struct Args {
     #[command(flatten)]
     serve: ServeArgs,
     #[command(flatten)]
+    stores: crate::remote::StoreArgs,
+    #[command(flatten)]
     metrics: crate::metrics::MetricsArgs,
 }
 
@@ -71,7 +73,11 @@ pub async fn run(args: Args) -> Result<()> {
         }
     }
     let metrics = args.metrics.start().await?;
-    let resource = crate::remote::open(&args.resource, None, &Default::default()).await?;
+    let remote = r3map_mount::RemoteOptions {
+        stores: args.stores.credentials()?,
+        ..Default::default()
+    };
+    let resource = crate::remote::open(&args.resource, None, &remote).await?;
     let size = resource.size();
     let application = match (args.pid, &args.pid_file, &args.suspend, &args.resume) {
         (Some(pid), _, _, _) => SeederHooks::process(pid),
