@@ -31,11 +31,13 @@ use clap::{Parser, Subcommand};
 ///   redis://[USER@]HOST:PORT/PREFIX?size=SIZE[&chunk=SIZE][&db=N][&layout=go|folder]
 ///                                       one key per chunk in Redis (rediss:// for TLS); password
 ///                                       from R3MAP_REDIS_PASSWORD or --redis-password-file
-///   redis+cluster://H1:P1,H2:P2/PREFIX?size=SIZE[&chunk=SIZE]
+///   redis+cluster://H1:P1,H2:P2/PREFIX?size=SIZE[&chunk=SIZE][&layout=go|folder]
 ///                                       the same in a Redis Cluster (rediss+cluster:// for TLS)
-///   s3://BUCKET/PREFIX?endpoint=URL&size=SIZE[&chunk=SIZE][&region=R][&addressing=virtual]
-///                                       one object per chunk in an S3-compatible bucket (https://
-///                                       endpoints for TLS); keys from AWS_ACCESS_KEY_ID and
+///   s3://BUCKET/PREFIX?size=SIZE[&endpoint=URL][&chunk=SIZE][&region=R]
+///       [&addressing=path|virtual][&layout=go|folder]
+///                                       one object per chunk in an S3-compatible bucket (endpoint
+///                                       default https://s3.REGION.amazonaws.com, region default
+///                                       us-east-1; https:// endpoints for TLS); keys from AWS_ACCESS_KEY_ID and
 ///                                       AWS_SECRET_ACCESS_KEY, ~/.aws/credentials or --s3-credentials
 ///   Store chunks default to 1MiB; layout=go (the default) names them PREFIX-OFFSET like the Go
 ///   r3map, layout=folder PREFIX/OFFSET.

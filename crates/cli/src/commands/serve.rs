@@ -56,8 +56,8 @@ pub struct Args {
     /// Refuse clients that do not start TLS
     #[arg(long, requires = "tls_cert")]
     require_tls: bool,
-    /// Also serve the exports over gRPC at this address (--grpc alone: 127.0.0.1:10811)
-    #[arg(long, value_name = "ADDR", num_args = 0..=1, default_missing_value = "127.0.0.1:10811")]
+    /// Also serve the exports over gRPC at this address, e.g. 127.0.0.1:10811
+    #[arg(long, value_name = "ADDR")]
     grpc: Option<String>,
     /// File holding the bearer token every gRPC client must send (NBD has no tokens)
     #[arg(long, requires = "grpc")]
