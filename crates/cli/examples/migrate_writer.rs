@@ -82,7 +82,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let len: usize = args[3].parse()?;
             let rate: u64 = args[4].parse()?;
             let hot: usize = args[5].parse()?;
-            let (mut memory, _served_while_open) = hand_over(Path::new(&args[2]), len)?;
+            let (mut memory, _served_while_open) =
+                hand_over(Path::new(&args[2]), len, std::time::Duration::from_secs(60))?;
             let memory = memory.as_mut_slice();
             write_forever(len, hot, rate, |offset, block| {
                 memory[offset..offset + block.len()].copy_from_slice(block);

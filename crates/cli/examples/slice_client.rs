@@ -21,7 +21,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         return Err("usage: slice_client SOCKET BYTES [OFFSET=TEXT]...".into());
     }
     let len: usize = args[2].parse()?;
-    let (mut memory, mut sock) = hand_over(Path::new(&args[1]), len)?;
+    let (mut memory, mut sock) = hand_over(Path::new(&args[1]), len, std::time::Duration::from_secs(60))?;
     let hold = args.get(3).and_then(|a| a.strip_prefix("--hold="));
     let edits = &args[if hold.is_some() { 4 } else { 3 }..];
     if hold.is_none() {

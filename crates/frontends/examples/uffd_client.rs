@@ -47,7 +47,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         args[from..].iter().map(|p| p.parse()).collect()
     };
 
-    let (mut memory, mut sock) = hand_over(Path::new(&args[1]), len)?;
+    let (mut memory, mut sock) = hand_over(Path::new(&args[1]), len, std::time::Duration::from_secs(60))?;
     let mut byte = [0u8; 1];
     match mode {
         Some("fork") => {

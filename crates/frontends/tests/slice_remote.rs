@@ -173,3 +173,26 @@ fn mremap_of_a_served_range_raises_sigbus_there_and_take_dirty_refuses() {
         "the read at the new place must raise SIGBUS ({status}; exit code 4: it returned)"
     );
 }
+
+/// A page-fault server that accepts the hand-over but never answers: the client gets a
+/// `TimedOut` error naming the socket after its timeout, instead of blocking for good.
+#[test]
+fn a_hand_over_to_a_server_that_never_answers_times_out() {
+    if !common::have_userfaultfd() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("silent.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    let silent = std::thread::spawn(move || {
+        let (stream, _) = listener.accept().unwrap();
+        stream
+    });
+    let Err(err) = r3map_frontends::slice::hand_over(&path, 16 * PAGE as usize, Duration::from_millis(200))
+    else {
+        panic!("a server that never answers served the memory");
+    };
+    assert_eq!(err.kind(), std::io::ErrorKind::TimedOut, "{err}");
+    assert!(err.to_string().contains("silent.sock"), "{err}");
+    drop(silent.join().unwrap());
+}

@@ -68,10 +68,12 @@ impl RemoteRequest {
 
 /// Client side, in one step: maps `len` bytes of anonymous memory, connects to the page-fault
 /// server at `socket`, hands it a fresh userfaultfd with a [`RemoteRequest`] for that memory
-/// and waits for its answer. The memory is served once this returns. Keep the socket open
-/// while the memory is in use: the server closes it when it stops serving.
-pub fn hand_over(socket: &Path, len: usize) -> io::Result<(Mapping, UnixStream)> {
+/// and waits for its answer, at most `timeout` (a server that accepted but never answers is
+/// a `TimedOut` error). The memory is served once this returns. Keep the socket open while the
+/// memory is in use: the server closes it when it stops serving.
+pub fn hand_over(socket: &Path, len: usize, timeout: Duration) -> io::Result<(Mapping, UnixStream)> {
     let mut sock = UnixStream::connect(socket)?;
+    sock.set_read_timeout(Some(timeout))?;
     let memory = Mapping::anonymous(len)?;
     let uffd = Uffd::create().map_err(io::Error::other)?;
     RemoteRequest {
@@ -83,7 +85,17 @@ pub fn hand_over(socket: &Path, len: usize) -> io::Result<(Mapping, UnixStream)>
     // The server holds the userfaultfd now.
     drop(uffd);
     let mut answer = [0u8; 1];
-    sock.read_exact(&mut answer)?;
+    sock.read_exact(&mut answer).map_err(|err| match err.kind() {
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!(
+                "the server at {} did not answer within {timeout:?}",
+                socket.display()
+            ),
+        ),
+        _ => err,
+    })?;
+    sock.set_read_timeout(None)?;
     if answer[0] != 0 {
         return Err(io::Error::other(format!(
             "the server at {} refused to serve this memory",
