@@ -90,30 +90,6 @@ fn leech_into(uri: &str, dest: &Path, extra: &[&str]) -> Vec<String> {
     lines
 }
 
-/// A `r3map delay-proxy` in front of the seeder at `uri`, capped at `rate` per second; returns
-/// the proxy and the `HOST:PORT` a leecher connects to.
-fn slow_link(uri: &str, rate: &str) -> (Proc, String) {
-    let upstream = uri.trim_start_matches("grpc://");
-    let mut proxy = Proc::start(&[
-        "delay-proxy",
-        "--listen",
-        "127.0.0.1:0",
-        "--upstream",
-        upstream,
-        "--rtt",
-        "0ms",
-        "--rate",
-        rate,
-    ]);
-    let line = proxy.wait_for("127.0.0.1:", LONG);
-    let address = line
-        .split_whitespace()
-        .find(|word| word.starts_with("127.0.0.1:"))
-        .unwrap_or_else(|| panic!("no address in the proxy's line {line:?}"))
-        .to_string();
-    (proxy, address)
-}
-
 /// Starts a seeder of `resource` whose application (`writer_args`, run after the frontend is
 /// up) keeps writing; returns the seeder, its URI and the writer.
 fn seed_with_writer(
@@ -261,7 +237,7 @@ fn a_leecher_killed_before_finalize_leaves_the_seeder_serving_the_next_one() {
     let dest = dir.path().join("dest.img");
     let (mut seeder, uri, writer, src) = seed_file_with_writer(dir.path(), "256MiB", 500, HOT);
     // A slow link keeps the first leecher pulling until it is killed.
-    let (_proxy, proxied) = slow_link(&uri, "1MiB");
+    let (_proxy, proxied) = common::slow_link(&uri, "1MiB");
     let doomed_dest = dir.path().join("doomed.img");
     let doomed_to = format!("file:{}", doomed_dest.display());
     let mut doomed = Proc::start(&[
@@ -296,7 +272,7 @@ fn abort_resumes_the_source_and_the_leecher_never_takes_over() {
     let dir = tempfile::tempdir().unwrap();
     let dest = dir.path().join("dest.img");
     let (mut seeder, uri, writer, _) = seed_file_with_writer(dir.path(), "256MiB", 500, HOT);
-    let (_proxy, proxied) = slow_link(&uri, "1MiB");
+    let (_proxy, proxied) = common::slow_link(&uri, "1MiB");
     let to = format!("file:{}", dest.display());
     let mut leecher = Proc::start(&["migrate", "leech", &format!("grpc://{proxied}"), "--to", &to]);
     leecher.wait_for("leeching", LONG);
@@ -348,7 +324,10 @@ fn a_leecher_signalled_twice_during_finalize_aborts_and_the_source_resumes() {
         "the first signal must not stop finalize"
     );
     leecher.signal("TERM");
-    // The abort queues behind the seeder's sync; releasing the suspend command lets both run.
+    // Released only once the leecher is asking for the abort (and so no longer reads the sync's
+    // reply): the abort queues behind the seeder's sync, and releasing the suspend command
+    // lets both run.
+    leecher.wait_for("aborting the migration", LONG);
     std::fs::OpenOptions::new()
         .write(true)
         .open(&hold)

@@ -216,7 +216,10 @@ fn a_cluster_master_failing_over_keeps_the_mount_working() {
     file.sync_all().unwrap();
     cluster.wait_replicated();
 
-    let victim = cluster.master_ports()[1];
+    let victim = *cluster
+        .master_ports()
+        .get(1)
+        .expect("the cluster names its serving masters");
     cluster.node_by_port(victim).kill();
     model.write(&file, 10, 3_000_000, 2_000_000);
     model.check_file(&file, "while a master is down");

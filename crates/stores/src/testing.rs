@@ -264,7 +264,12 @@ impl RedisCluster {
     /// master had written when this was called (`INFO replication` offsets).
     pub fn wait_replicated(&self) {
         let start = Instant::now();
-        for port in self.master_ports() {
+        let masters = self.master_ports();
+        assert!(
+            !masters.is_empty(),
+            "no node of the cluster answered CLUSTER NODES with a serving master"
+        );
+        for port in masters {
             let target = replication_field(port, "master_repl_offset").unwrap_or(0);
             loop {
                 let info = redis_cli(port, &["info", "replication"]).unwrap_or_default();

@@ -88,7 +88,10 @@ fn a_master_failing_over_to_its_replica_keeps_the_backend_working() {
         // Every write is on the replicas before the master dies (replication is asynchronous).
         cluster.wait_replicated();
 
-        let victim = cluster.master_ports()[0];
+        let victim = *cluster
+            .master_ports()
+            .first()
+            .expect("the cluster names its serving masters");
         cluster.node_by_port(victim).kill();
         // Writes and reads go on, each retried until the replica took over (bounded).
         let start = Instant::now();

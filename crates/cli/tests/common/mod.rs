@@ -220,6 +220,30 @@ pub fn reported_address(proc: &mut Proc, marker: &str, timeout: Duration) -> Str
     line.rsplit(" at ").next().unwrap().trim().to_string()
 }
 
+/// A `r3map delay-proxy` in front of the seeder at `uri` (`grpc://HOST:PORT`), capped at
+/// `rate` per second; returns the proxy and the `HOST:PORT` a leecher connects to.
+pub fn slow_link(uri: &str, rate: &str) -> (Proc, String) {
+    let upstream = uri.trim_start_matches("grpc://");
+    let mut proxy = Proc::start(&[
+        "delay-proxy",
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        upstream,
+        "--rtt",
+        "0ms",
+        "--rate",
+        rate,
+    ]);
+    let line = proxy.wait_for("127.0.0.1:", Duration::from_secs(120));
+    let address = line
+        .split_whitespace()
+        .find(|word| word.starts_with("127.0.0.1:"))
+        .unwrap_or_else(|| panic!("no address in the proxy's line {line:?}"))
+        .to_string();
+    (proxy, address)
+}
+
 /// The path a `mount` process reported ("mounted … at PATH").
 pub fn mounted_path(line: &str) -> String {
     line.rsplit(" at ").next().unwrap().to_string()

@@ -224,6 +224,7 @@ async fn finalize(
             continue;
         }
         // Abort and commit are serialised on the seeder: exactly one of them wins.
+        eprintln!("aborting the migration: asking the seeder to resume the source");
         match tokio::time::timeout(ABORT_TIMEOUT, transport::abort_migration(&args.seeder, &args.link)).await {
             Ok(Ok(before)) => bail!(
                 "gave up during finalize: the migration was aborted (the seeder was {before}); the source runs again and stays authoritative, and this copy is discarded"
