@@ -22,6 +22,8 @@ struct Server {
     log: Mutex<Vec<(u64, &'static str)>>,
     /// Connections the client aborted.
     aborted: Mutex<Vec<u64>>,
+    /// Every flush is answered with an error (a disk that cannot sync), the connection stays.
+    flush_fails: AtomicBool,
 }
 
 impl Server {
@@ -34,6 +36,7 @@ impl Server {
             hang_below: AtomicU64::new(0),
             log: Mutex::new(Vec::new()),
             aborted: Mutex::new(Vec::new()),
+            flush_fails: AtomicBool::new(false),
         })
     }
     fn go_down(&self) {
@@ -103,7 +106,11 @@ impl Backend for Connection {
         self.server.data.write_at(offset, data).await
     }
     async fn sync(&self) -> Result<()> {
-        self.check("flush").await
+        self.check("flush").await?;
+        if self.server.flush_fails.load(Ordering::SeqCst) {
+            return Err(Error::Remote("flush failed: EIO".into()));
+        }
+        Ok(())
     }
     fn abort_connection(&self) {
         self.server.aborted.lock().unwrap().push(self.number);
@@ -299,6 +306,33 @@ async fn a_lost_connection_is_aborted_and_the_next_one_is_flushed_before_it_carr
     let log = server.log.lock().unwrap().clone();
     let on_second: Vec<_> = log.iter().filter(|(c, _)| *c == 2).map(|(_, op)| *op).collect();
     assert_eq!(on_second, ["flush", "write"], "{log:?}");
+}
+
+/// A flush answered with an error still passed the barrier (the server answered it, after the
+/// writes before it): a remote whose flushes fail keeps serving reads and writes after a
+/// reconnect, and the flush's own error reaches its caller.
+#[tokio::test(start_paused = true)]
+async fn a_remote_whose_flushes_fail_still_serves_after_a_reconnect() {
+    let server = Server::new(1 << 16);
+    let remote = Arc::new(
+        Reconnecting::connect(server.connector(), options(5_000))
+            .await
+            .unwrap(),
+    );
+    remote.write_at(0, b"first").await.unwrap();
+    server.flush_fails.store(true, Ordering::SeqCst);
+    server.freeze_open_connections();
+    let result = remote.write_at(0, b"in doubt").await;
+    assert!(matches!(result, Err(Error::Timeout(_))), "{result:?}");
+    remote.write_at(0, b"newer").await.unwrap();
+    let mut buf = [0u8; 5];
+    remote.read_at(0, &mut buf).await.unwrap();
+    assert_eq!(&buf, b"newer");
+    let flushed = remote.sync().await;
+    assert!(matches!(flushed, Err(Error::Remote(_))), "{flushed:?}");
+    let log = server.log.lock().unwrap().clone();
+    let on_second: Vec<_> = log.iter().filter(|(c, _)| *c == 2).map(|(_, op)| *op).collect();
+    assert_eq!(on_second, ["flush", "write", "read", "flush"], "{log:?}");
 }
 
 /// A write whose caller gives up on it before its reply (its future dropped, as the pusher

@@ -16,7 +16,7 @@
 //! lost, its deadline passed, or its caller gave up on it) may still be applied by the server
 //! later, after newer writes of the same bytes on the next connection. So a connection given up
 //! is aborted at once (reset, so nothing more of it is sent), and a new connection is handed
-//! out only after a flush on it succeeded: a server that completes every write it received
+//! out only after a flush on it was answered: a server that completes every write it received
 //! before a flush, on any connection, has then applied the old write or will never apply it
 //! (see ARCHITECTURE.md, "Ordering across reconnects", for the argument and its limits).
 
@@ -275,13 +275,21 @@ impl Shared {
 }
 
 impl Shared {
-    /// A new connection, once a flush on it succeeded: the barrier that writes sent on the
+    /// A new connection, once a flush on it was answered (an error reply too): the barrier that writes sent on the
     /// connections given up before cannot pass (see the module note).
     async fn connect_past_barrier(&self) -> Result<SharedBackend> {
         let timeout = self.options.request_timeout;
         let backend = (self.connector)().await?;
         match tokio::time::timeout(timeout, backend.sync()).await {
             Ok(Ok(())) => Ok(backend),
+            // An answered flush is a passed barrier, even if the remote could not sync: the
+            // server took it after the writes before it (our server waits for them before it
+            // syncs). Refusing the connection would leave a remote whose syncs fail unusable
+            // for reads too; the flush's error reaches callers of sync() instead.
+            Ok(Err(err)) if !err.is_connection_loss() => {
+                tracing::warn!(remote = %self.address, %err, "the flush on a new connection to {} failed; using the connection anyway", self.address);
+                Ok(backend)
+            }
             Ok(Err(err)) => {
                 backend.abort_connection();
                 Err(err)
