@@ -126,6 +126,15 @@ impl Exporter {
         options
     }
 
+    /// The NBD clients `server` is serving.
+    pub fn nbd_server(&self, server: &r3map_nbd::Server) {
+        let Some(metrics) = self.metrics() else { return };
+        let open = server.open_connections();
+        metrics.gauge_from("r3map_nbd_connections", move || {
+            i64::try_from(open.get()).unwrap_or(i64::MAX)
+        });
+    }
+
     /// Times every served fault of slice regions.
     pub fn fault_observer(&self) -> Option<FaultObserver> {
         let histogram = self.metrics()?.fault_latency.clone();

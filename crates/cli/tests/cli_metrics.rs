@@ -227,6 +227,56 @@ fn metrics_beyond_loopback_are_refused_unless_asked_for() {
     assert!(stderr.contains("--metrics-public"), "{stderr}");
 }
 
+/// The NBD connection gauge: clients that got the server's greeting are counted (during the
+/// handshake too), one over `--max-connections` is refused and not counted, and clients that
+/// hang up are counted out.
+#[test]
+fn serve_counts_its_open_nbd_connections() {
+    use std::io::Read;
+    let (mut server, uri) = serve(
+        "disk=memory:1MiB",
+        "127.0.0.1:0",
+        &["--max-connections", "3", "--metrics", "127.0.0.1:0"],
+    );
+    let addr = metrics_addr(&mut server, LONG);
+    assert_eq!(Scrape::get(&addr).value("r3map_nbd_connections", &[]), 0.0);
+    let nbd_addr = uri
+        .trim_start_matches("nbd://")
+        .split('/')
+        .next()
+        .unwrap()
+        .to_string();
+    // The first 18 bytes of the handshake: NBDMAGIC, IHAVEOPT and the server's flags. The
+    // server sends them from the connection's task, so the connection is counted by then.
+    let greeted = || {
+        let mut client = std::net::TcpStream::connect(&nbd_addr).unwrap();
+        client.set_read_timeout(Some(LONG)).unwrap();
+        let mut greeting = [0u8; 18];
+        let got = client.read_exact(&mut greeting);
+        (client, got.map(|()| greeting))
+    };
+    let clients: Vec<_> = (0..3)
+        .map(|_| {
+            let (client, greeting) = greeted();
+            assert_eq!(&greeting.expect("the server's greeting")[..8], b"NBDMAGIC");
+            client
+        })
+        .collect();
+    assert_eq!(Scrape::get(&addr).value("r3map_nbd_connections", &[]), 3.0);
+    let (_refused, greeting) = greeted();
+    assert!(
+        greeting.is_err(),
+        "a fourth client got a greeting past --max-connections 3"
+    );
+    assert_eq!(Scrape::get(&addr).value("r3map_nbd_connections", &[]), 3.0);
+    drop(clients);
+    // The server notices the hang-ups asynchronously.
+    scrape_until(&addr, LONG, "counting out the closed connections", |scrape| {
+        scrape.value("r3map_nbd_connections", &[]) == 0.0
+    });
+    assert!(server.terminate(LONG));
+}
+
 /// A migration: the source reports tracking while a destination pulls; the destination
 /// reports its phase, rounds, the bytes it fetched and the downtime it measured.
 #[test]

@@ -45,6 +45,8 @@ pub const ENTRIES: &[Entry] = &[
     metric("r3map_pull_total_bytes", Gauge, "", "Size of the resource being pulled"),
     metric("r3map_dirty_bytes", Gauge, "", "Bytes written locally and not yet pushed to the remote"),
     metric("r3map_reconnects_total", Counter, "", "Connections to a remote re-established after a loss or a timeout"),
+    // Servers.
+    metric("r3map_nbd_connections", Gauge, "", "NBD client connections the server is serving (accepted under the connection cap, not yet ended)"),
     // Frontends.
     metric("r3map_fault_duration_seconds", Histogram, "", "Time from reading a page fault of a slice region to waking its threads with the chunk installed"),
     // Migration.

@@ -22,6 +22,8 @@ pub mod uri;
 pub mod wire;
 
 pub use client::{Client, ClientError, ClientOptions, ExportInfo};
-pub use server::{ConnectionError, Export, ListenAddr, Server, ServerConfig, ServerError, Service};
+pub use server::{
+    ConnectionError, Export, ListenAddr, OpenConnections, Server, ServerConfig, ServerError, Service,
+};
 pub use tls::{ClientTls, ServerTls, TlsError};
 pub use uri::{NbdUri, Transport, UriError};

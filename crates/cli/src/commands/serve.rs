@@ -134,6 +134,7 @@ pub async fn run(args: Args) -> Result<()> {
         None => Server::bind_tcp(config.clone(), &args.listen).await,
     }
     .context("cannot start the NBD server")?;
+    metrics.nbd_server(&server);
     let grpc = match &args.grpc {
         Some(addr) => Some(grpc_server(&args, addr, &exports, config.tls.clone()).await?),
         None => None,

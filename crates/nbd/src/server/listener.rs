@@ -5,6 +5,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -86,12 +87,38 @@ impl Refusals {
     }
 }
 
+/// How many client connections a [`Server`] is serving right now: accepted under the cap and
+/// not yet ended (handshake included). A handle that stays readable while the server runs.
+#[derive(Debug, Clone, Default)]
+pub struct OpenConnections(Arc<AtomicU64>);
+
+impl OpenConnections {
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    /// Counts one connection until the returned guard is dropped.
+    fn open(&self) -> OpenGuard {
+        self.0.fetch_add(1, Ordering::Relaxed);
+        OpenGuard(self.0.clone())
+    }
+}
+
+struct OpenGuard(Arc<AtomicU64>);
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// A bound NBD server.
 pub struct Server {
     service: Service,
     listener: Listener,
     addr: ListenAddr,
     max_connections: usize,
+    open: OpenConnections,
 }
 
 impl Server {
@@ -114,6 +141,7 @@ impl Server {
             listener: Listener::Tcp(listener),
             addr: ListenAddr::Tcp(local),
             max_connections,
+            open: OpenConnections::default(),
         };
         server.warn_if_exposed();
         Ok(server)
@@ -136,6 +164,7 @@ impl Server {
             listener: Listener::Unix(listener),
             addr: ListenAddr::Unix(path.to_path_buf()),
             max_connections,
+            open: OpenConnections::default(),
         };
         server.warn_if_exposed();
         Ok(server)
@@ -192,6 +221,11 @@ impl Server {
         &self.service
     }
 
+    /// The number of connections [`Server::serve`] is serving, readable while it runs.
+    pub fn open_connections(&self) -> OpenConnections {
+        self.open.clone()
+    }
+
     /// Accepts clients until `shutdown` completes; then stops accepting, lets every connection
     /// finish its requests in flight (within the shutdown grace; connections still running
     /// after it are cut), flushes every export and removes a UNIX socket file.
@@ -221,11 +255,13 @@ impl Server {
                         continue;
                     };
                     let service = self.service.clone();
+                    // Dropped with the task, also when the shutdown cuts it.
+                    let open = self.open.open();
                     connections.spawn(async move {
                         if let Err(err) = service.serve(stream, Some(probe)).await {
                             tracing::info!(peer, error = %err, "NBD connection ended with an error");
                         }
-                        drop(slot);
+                        drop((slot, open));
                     });
                 }
                 Err(err) => {

@@ -53,7 +53,7 @@ use crate::pool::BufferPool;
 use crate::tls::{ServerTls, TlsError};
 use crate::wire;
 
-pub use listener::{ListenAddr, Server};
+pub use listener::{ListenAddr, OpenConnections, Server};
 
 /// Largest `max_request`: a read's reply chunk must describe its length plus 8 bytes of offset
 /// in 32 bits.
