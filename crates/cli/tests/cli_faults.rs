@@ -11,7 +11,7 @@ use std::os::unix::fs::FileExt;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{free_port, have_fuse, mounted_path, serve, Proc};
+use common::{free_port, have_fuse, mounted_path, run, serve, Proc};
 use r3map_core::testing::pattern;
 
 const LONG: Duration = Duration::from_secs(60);
@@ -284,4 +284,71 @@ fn a_second_signal_exits_at_once_with_the_account() {
         "no account after the second signal: {said}"
     );
     server.signal("CONT");
+}
+
+/// An offline-capable drive (`--sync-to cache`, persistent cache) whose remote is down: an
+/// fsync succeeds (the cache holds the writes), then the mount is killed with SIGKILL. After
+/// `r3map umount` and a restart on the same cache (the remote back), the writes read back
+/// without a fetch and reach the remote.
+#[test]
+fn fsynced_offline_writes_survive_a_killed_mount_and_reach_the_returned_remote() {
+    if !have_fuse() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("remote.img");
+    let export = format!("disk=file:{}?size=4MiB", image.display());
+    let listen = format!("127.0.0.1:{}", free_port());
+    let (server, uri) = serve(&export, &listen, &[]);
+    let mnt = dir.path().join("mnt");
+    let cache = dir.path().join("cache");
+    let flags = [
+        "--cache",
+        cache.to_str().unwrap(),
+        "--sync-to",
+        "cache",
+        "--remote-timeout",
+        "2s",
+    ];
+    let (mount, path) = managed_mount(&uri, &mnt, &flags);
+
+    server.kill();
+    // Unaligned, across chunks 5 to 8: partial first and last chunks.
+    let data = pattern(9, 200_000);
+    let at = 5 * 65536 + 1000;
+    let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    file.write_all_at(&data, at).unwrap();
+    file.sync_all()
+        .expect("fsync with --sync-to cache while the remote is down");
+    drop(file);
+    mount.kill();
+    let on_remote =
+        |image: &std::path::Path| std::fs::read(image).unwrap()[at as usize..][..data.len()].to_vec();
+    assert_ne!(on_remote(&image), data, "the writes reached the dead remote");
+    let (ok, _, stderr) = run(&["umount"]);
+    assert!(
+        ok && stderr.contains(mnt.to_str().unwrap()),
+        "the stale mount was not cleaned up: {stderr}"
+    );
+
+    let (server, _) = serve(&export, &listen, &[]);
+    let (mount, path) = managed_mount(&uri, &mnt, &flags);
+    let pulled = all_seen(&mount);
+    assert!(
+        pulled.contains("(0 fetched from the remote)"),
+        "the restarted mount fetched again: {pulled}"
+    );
+    let mut back = vec![0u8; data.len()];
+    std::fs::File::open(&path)
+        .unwrap()
+        .read_exact_at(&mut back, at)
+        .unwrap();
+    assert_eq!(back, data, "the fsynced writes did not survive the kill");
+    assert!(mount.terminate(LONG), "the restarted mount could not push");
+    assert!(server.terminate(LONG));
+    assert_eq!(
+        on_remote(&image),
+        data,
+        "the fsynced writes never reached the remote"
+    );
 }
