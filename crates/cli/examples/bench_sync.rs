@@ -17,7 +17,10 @@
 //!    written; the receiver is the same `r3map sync receive` process kind.
 //!
 //! rsync has no following mode, so its rows are full runs after each change. rsync writes a new
-//! file and renames it without fsync unless `--fsync`; r3map fsyncs every version.
+//! file and renames it without fsync unless `--fsync`; r3map fsyncs every version. Before each
+//! timed run the filesystem is flushed (`sync -f`, so no run pays for the previous one's
+//! writeback) and the source and that contender's replica are read once, so all start with
+//! them in the page cache.
 
 use std::io::{BufRead, BufReader, Read};
 use std::os::unix::fs::FileExt;
@@ -75,11 +78,28 @@ fn main() {
     let changed_bytes = changed * BLOCK;
     eprintln!("{size_mib} MiB, {changed} of {blocks} blocks changed ({changed_bytes} bytes)");
     let daemon = RsyncDaemon::start(dir.path());
-    let rsync_both = |rows: &mut Vec<Row>, change: &str| {
-        let (plain, plain_bytes) = daemon.sync(&source, "disk.img", false);
-        assert_same(&source, &theirs);
-        let (fsync, fsync_bytes) = daemon.sync(&source, "disk-fsync.img", true);
-        assert_same(&source, &theirs_fsync);
+    // The second rsync run after a change finds the source in the page cache: which variant
+    // goes first alternates between changes.
+    let rsync_both = |rows: &mut Vec<Row>, change: &str, fsync_first: bool| {
+        let plain_run = || {
+            warm(&[&source, &theirs]);
+            let run = daemon.sync(&source, "disk.img", false);
+            assert_same(&source, &theirs);
+            run
+        };
+        let fsync_run = || {
+            warm(&[&source, &theirs_fsync]);
+            let run = daemon.sync(&source, "disk-fsync.img", true);
+            assert_same(&source, &theirs_fsync);
+            run
+        };
+        let ((plain, plain_bytes), (fsync, fsync_bytes)) = if fsync_first {
+            let fsync = fsync_run();
+            (plain_run(), fsync)
+        } else {
+            let plain = plain_run();
+            (plain, fsync_run())
+        };
         let times = (plain, fsync);
         rows.push(Row {
             name: format!("rsync, {change}"),
@@ -99,7 +119,8 @@ fn main() {
 
     // Change 1, cold: from starting the advertiser to the receiver's exit.
     change_blocks(&source, blocks, changed, &mut rng);
-    let rsync = rsync_both(&mut rows, "change 1");
+    let rsync = rsync_both(&mut rows, "change 1", false);
+    warm(&[&source, &ours]);
     let start = Instant::now();
     let mut advertiser = Lines::spawn(
         &r3map,
@@ -145,11 +166,12 @@ fn main() {
         &["sync", "receive", ours.to_str().unwrap(), "--from", &addr],
     );
     receiver.wait_for("up to date");
+    warm(&[&source, &ours]);
     change_blocks(&source, blocks, changed, &mut rng);
     let start = Instant::now();
     let (elapsed, bytes) = converge(&mut receiver, &source, start);
     assert_same(&source, &ours);
-    let rsync = rsync_both(&mut rows, "change 2");
+    let rsync = rsync_both(&mut rows, "change 2", true);
     rows.push(Row {
         name: "r3map following, plain writer (inotify → published)".into(),
         time: elapsed,
@@ -182,6 +204,7 @@ fn main() {
         &["sync", "receive", ours.to_str().unwrap(), "--from", &addr],
     );
     receiver.wait_for("up to date");
+    warm(&[&source, &ours]);
     let start = Instant::now();
     for block in choose(blocks, changed, &mut rng) {
         let at = (block * BLOCK) as usize;
@@ -191,7 +214,7 @@ fn main() {
     assert_eq!(report.blocks.len() as u64, changed);
     let (elapsed, bytes) = converge(&mut receiver, &source, start);
     assert_same(&source, &ours);
-    let rsync = rsync_both(&mut rows, "change 3");
+    let rsync = rsync_both(&mut rows, "change 3", false);
     rows.push(Row {
         name: "r3map mapped (writes + sync() → published)".into(),
         time: elapsed,
@@ -255,6 +278,21 @@ fn write_random(path: &Path, size: u64, seed: u64) {
         rng.fill(&mut buf[..n]);
         file.write_all_at(&buf[..n], at).unwrap();
         at += n as u64;
+    }
+}
+
+/// Flushes the filesystem, then reads `paths` whole, so every contender starts with nothing
+/// left to write back and its files in the page cache (other programs on a loaded machine
+/// evict them between runs).
+fn warm(paths: &[&Path]) {
+    // Writeback a previous run left behind (rsync without --fsync leaves its whole new file
+    // dirty) is done first, untimed, so it does not land in the next contender's time.
+    let status = Command::new("sync").arg("-f").arg(paths[0]).status().unwrap();
+    assert!(status.success(), "sync -f failed");
+    let mut buf = vec![0u8; 8 << 20];
+    for path in paths {
+        let mut file = std::fs::File::open(path).unwrap();
+        while read_full(&mut file, &mut buf) > 0 {}
     }
 }
 
