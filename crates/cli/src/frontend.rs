@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use r3map_blockdev::{check_nbd_support, check_ublk_support, NbdDevice, NbdOptions, UblkDevice, UblkOptions};
 use r3map_core::SharedBackend;
-use r3map_fuse::{DiskMount, FileMount};
+use r3map_fuse::{DiskMount, FileMount, Transport, UringSwitch};
 
 use crate::commands::slice_server::SliceServer;
 use crate::metrics::{Exporter, Role};
@@ -75,6 +75,15 @@ impl Mounted {
         })
     }
 
+    /// How the kernel's FUSE requests reach the file (file and disk frontends).
+    pub fn fuse_transport(&self) -> Option<&Transport> {
+        match self {
+            Mounted::File(file) => Some(file.transport()),
+            Mounted::Disk(disk) => Some(disk.file().transport()),
+            _ => None,
+        }
+    }
+
     pub fn path(&self) -> &Path {
         match self {
             Mounted::File(file) => file.path(),
@@ -126,6 +135,20 @@ impl Mounted {
             }
         }
         Ok(())
+    }
+}
+
+/// `--fuse-uring`: turns on FUSE over io_uring in the kernel and says what changed, or why not
+/// and which command would (the mount then uses /dev/fuse).
+pub fn turn_on_fuse_uring() {
+    let path = "/sys/module/fuse/parameters/enable_uring";
+    match r3map_fuse::enable_uring() {
+        Ok(UringSwitch::AlreadyOn) => eprintln!("FUSE over io_uring was already on ({path} is Y)"),
+        Ok(UringSwitch::TurnedOn) => eprintln!(
+            "turned on FUSE over io_uring for this kernel: wrote Y to {path} (every FUSE filesystem \
+             mounted from now on may use it; `echo N > {path}` turns it off)"
+        ),
+        Err(reason) => eprintln!("cannot turn on FUSE over io_uring: {reason}; mounting over /dev/fuse"),
     }
 }
 

@@ -21,6 +21,6 @@ mod sys;
 
 pub use disk::DiskMount;
 pub use error::{FuseError, Result};
-pub use file::{FileMount, FileOptions};
+pub use file::{enable_uring, uring_status, FileMount, FileOptions, Transport, UringSwitch};
 pub use loopdev::{LoopDevice, LoopOptions};
 pub use stale::{clean, find_stale, StaleItem};

@@ -87,6 +87,12 @@ pub struct Args {
     /// Time between background pushes (managed)
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     push_interval: Duration,
+    /// Turn on FUSE over io_uring in this kernel before mounting (file and disk frontends):
+    /// writes Y to /sys/module/fuse/parameters/enable_uring, which changes it for every FUSE
+    /// filesystem mounted afterwards (root only; `echo N` there turns it off again). Without
+    /// this flag the mount uses io_uring only if it is already on, else /dev/fuse
+    #[arg(long)]
+    fuse_uring: bool,
     /// Keep the demo mounted until Ctrl-C instead of running its checks
     #[arg(long)]
     hold: bool,
@@ -116,6 +122,9 @@ enum PullOrder {
 pub async fn run(args: Args) -> Result<()> {
     let mut signals = crate::ShutdownSignals::catch()?;
     args.frontend.check_supported()?;
+    if args.fuse_uring {
+        crate::frontend::turn_on_fuse_uring();
+    }
     let metrics = args.metrics.start().await?;
     let demo = args.remote.is_none();
     // The demo server lives as long as this function.
@@ -174,6 +183,9 @@ pub async fn run(args: Args) -> Result<()> {
         format_bytes(size),
         mounted.path().display()
     );
+    if let Some(transport) = mounted.fuse_transport() {
+        eprintln!("FUSE transport: {transport}");
+    }
 
     // A signal during the background pull stops waiting for it and goes straight to unmounting.
     let mut signalled = false;

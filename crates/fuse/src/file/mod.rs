@@ -6,10 +6,20 @@
 //!
 //! # Request handling
 //!
-//! A few fuser threads read requests from `/dev/fuse` (each with its own cloned fd). A thread
-//! never waits for the backend: it hands every read, write, flush and fallocate to a task on
-//! the shared Tokio runtime, and the task replies (fuser's `Reply*` objects are `Send`), so many
-//! requests are in flight at once however slow the backend is. The operations are in `ops`.
+//! The answers are transport-independent (`core`). Two transports carry the requests:
+//!
+//! - *io_uring* (`ring`), where the kernel offers FUSE over io_uring (Linux 6.14+ with the
+//!   `fuse` module parameter `enable_uring` on; [`FileOptions::io_uring`]): one queue per CPU,
+//!   each a thread pinned to that CPU with its own ring of [`ring::DEPTH`] entries. A request is
+//!   answered in its entry's buffers, inline when the backend answers at once (a cache hit),
+//!   else by a task on the runtime. No `read(2)`/`write(2)` per request.
+//! - *classic* (`ops`): a few fuser threads read requests from `/dev/fuse` (each with its own
+//!   cloned fd) and hand every read, write, fsync and fallocate to a task on the shared Tokio
+//!   runtime, which replies (fuser's `Reply*` objects are `Send`). It is the fallback, and it
+//!   carries FORGET, INTERRUPT and notifications in io_uring mode too.
+//!
+//! Either way a thread never waits for the backend, so many requests are in flight at once
+//! however slow the backend is. [`FileMount::transport`] says which one a mount uses.
 //!
 //! # Caching choices
 //!
@@ -35,7 +45,10 @@
 //!   `max_request`.
 
 use std::ffi::OsString;
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use fuser::{Config, INodeNo, MountOption, SessionACL};
@@ -44,10 +57,15 @@ use tokio::runtime::Handle;
 
 use crate::error::{FuseError, Result};
 
+mod core;
 mod ops;
+mod ring;
 mod tuning;
+mod wire;
 
+use self::core::FileCore;
 use ops::OneFile;
+use ring::{RingStats, Rings};
 pub use tuning::max_request_limit;
 
 /// The filesystem type is `fuse.r3map`: how `r3map umount` recognises our mounts.
@@ -84,6 +102,9 @@ pub struct FileOptions {
     pub mode: u16,
     /// Refuse writes (`EROFS`).
     pub read_only: bool,
+    /// Use FUSE over io_uring when the kernel offers it (see [`uring_status`]); otherwise, or
+    /// if setting up the queues fails, requests go through `/dev/fuse` reads and writes.
+    pub io_uring: bool,
 }
 
 impl Default for FileOptions {
@@ -94,7 +115,98 @@ impl Default for FileOptions {
             threads: 2,
             mode: 0o600,
             read_only: false,
+            io_uring: true,
         }
+    }
+}
+
+/// How the kernel and a mount exchange FUSE requests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Transport {
+    /// FUSE over io_uring: `queues` rings (one per CPU) of `depth` entries each.
+    IoUring { queues: usize, depth: u16 },
+    /// `read(2)` and `write(2)` on `/dev/fuse`; `reason` says why not io_uring.
+    Classic { reason: String },
+}
+
+impl std::fmt::Display for Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Transport::IoUring { queues, depth } => {
+                write!(f, "FUSE over io_uring ({queues} queues of {depth} entries)")
+            }
+            Transport::Classic { reason } => write!(f, "classic /dev/fuse ({reason})"),
+        }
+    }
+}
+
+/// Whether this kernel lets FUSE servers use io_uring now: `Ok(true)` when the `fuse` module's
+/// `enable_uring` parameter is on, `Ok(false)` when it is off, `Err` when the kernel lacks it.
+pub fn uring_status() -> std::result::Result<bool, String> {
+    crate::sys::uring::uring_enabled()
+}
+
+/// What [`enable_uring`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UringSwitch {
+    /// The parameter was already on; nothing changed.
+    AlreadyOn,
+    /// This call turned it on (a change for every FUSE filesystem mounted from now on).
+    TurnedOn,
+}
+
+/// Turns on FUSE over io_uring for the whole kernel by writing `Y` to the `fuse` module
+/// parameter `enable_uring` (root only). The error says why not and which command would.
+pub fn enable_uring() -> std::result::Result<UringSwitch, String> {
+    let path = crate::sys::uring::ENABLE_URING;
+    if uring_status()? {
+        return Ok(UringSwitch::AlreadyOn);
+    }
+    std::fs::write(path, "Y\n")
+        .map_err(|err| format!("cannot write {path}: {err}; as root run `echo Y > {path}`"))?;
+    match uring_status()? {
+        true => Ok(UringSwitch::TurnedOn),
+        false => Err(format!("{path} still reads N after writing Y")),
+    }
+}
+
+/// Why a mount that asked for io_uring uses the classic transport, before trying.
+fn classic_reason(options: &FileOptions) -> Option<String> {
+    if !options.io_uring {
+        return Some("io_uring not requested".into());
+    }
+    match uring_status() {
+        Ok(true) => None,
+        Ok(false) => Some(format!(
+            "{} is N: FUSE over io_uring is off in this kernel (`r3map mount --fuse-uring` turns it on)",
+            crate::sys::uring::ENABLE_URING
+        )),
+        Err(reason) => Some(reason),
+    }
+}
+
+/// The payload buffer an io_uring entry needs: the kernel's largest request.
+fn ring_payload(options: &FileOptions) -> usize {
+    let page = crate::sys::page_size() as usize;
+    (options.max_request.max(4096) as usize)
+        .next_multiple_of(page)
+        .max(8192)
+}
+
+/// A running FUSE session: fuser's thread(s) and, in io_uring mode, the queue threads.
+struct Session {
+    classic: fuser::BackgroundSession,
+    rings: Option<Rings>,
+}
+
+impl Session {
+    /// Waits for every thread; they end once the filesystem is unmounted.
+    fn join(self) -> std::io::Result<()> {
+        let joined = self.classic.join();
+        if let Some(rings) = self.rings {
+            rings.join();
+        }
+        joined
     }
 }
 
@@ -116,7 +228,9 @@ pub struct FileMount {
     runtime: Handle,
     /// The connection's read-ahead in bytes, as the kernel reports it after the mount.
     read_ahead: Option<u32>,
-    session: Option<fuser::BackgroundSession>,
+    transport: Transport,
+    ring_stats: Arc<RingStats>,
+    session: Option<Session>,
 }
 
 impl std::fmt::Debug for FileMount {
@@ -125,6 +239,7 @@ impl std::fmt::Debug for FileMount {
             .field("path", &self.path)
             .field("mounted", &self.session.is_some())
             .field("read_ahead", &self.read_ahead)
+            .field("transport", &self.transport)
             .finish()
     }
 }
@@ -156,7 +271,9 @@ impl FileMount {
             reason,
         };
         let mountpoint = given.canonicalize().map_err(|err| {
-            if err.raw_os_error() == Some(libc::ENOTCONN) {
+            // ENOTCONN, or ECONNABORTED when the dead server used io_uring (its queues' teardown
+            // aborts the connection).
+            if matches!(err.raw_os_error(), Some(libc::ENOTCONN | libc::ECONNABORTED)) {
                 mountpoint_error(format!(
                     "{err}: a FUSE filesystem whose server died is mounted there; run `r3map umount` to clean it"
                 ))
@@ -180,12 +297,16 @@ impl FileMount {
             return Err(mountpoint_error("at least one FUSE thread is needed".into()));
         }
 
-        let fs = OneFile::new(
+        let mut options = options.clone();
+        let mut reason = classic_reason(&options);
+        options.io_uring = reason.is_none();
+        let core = Arc::new(FileCore::new(
             backend.clone(),
-            runtime.clone(),
             OsString::from(name),
             options.clone(),
-        );
+        ));
+        let negotiated = Arc::new(AtomicBool::new(false));
+        let fs = OneFile::new(core.clone(), runtime.clone(), negotiated.clone());
         let mut config = Config::default();
         config.mount_options = vec![
             MountOption::FSName(format!("{SOURCE_PREFIX}{}", std::process::id())),
@@ -204,16 +325,47 @@ impl FileMount {
         config.acl = SessionACL::Owner;
         config.n_threads = Some(options.threads);
         config.clone_fd = true;
-        let session = fuser::Session::new(fs, &mountpoint, &config)
-            .and_then(fuser::Session::spawn)
-            .map_err(|source| FuseError::Mount {
-                mountpoint: mountpoint.clone(),
-                source,
-            })?;
+        let mount_error = |source| FuseError::Mount {
+            mountpoint: mountpoint.clone(),
+            source,
+        };
+        // `Session::new` mounts and answers INIT; with io_uring accepted there, the kernel holds
+        // every request until each queue has registered (or a registration failed).
+        let session = fuser::Session::new(fs, &mountpoint, &config).map_err(mount_error)?;
+        let ring_stats = Arc::new(RingStats::default());
+        let mut rings = None;
+        if reason.is_none() && !negotiated.load(Ordering::SeqCst) {
+            reason = Some("the kernel did not offer FUSE_OVER_IO_URING at INIT".into());
+        }
+        if reason.is_none() {
+            let started = Rings::start(
+                core,
+                runtime.clone(),
+                session.as_fd(),
+                ring_payload(&options),
+                ring_stats.clone(),
+            );
+            match started {
+                Ok(started) => rings = Some(started),
+                Err(err) => {
+                    tracing::warn!("FUSE over io_uring failed, using /dev/fuse: {err}");
+                    reason = Some(format!("setting up the io_uring queues failed: {err}"));
+                }
+            }
+        }
+        let transport = match reason {
+            None => Transport::IoUring {
+                queues: crate::sys::uring::possible_cpus().unwrap_or(1),
+                depth: ring::DEPTH,
+            },
+            Some(reason) => Transport::Classic { reason },
+        };
+        let classic = session.spawn().map_err(mount_error)?;
+        let session = Session { classic, rings };
         let path = mountpoint.join(name);
         let read_ahead = tuning::apply_read_ahead(&mountpoint, options.read_ahead);
         tracing::info!(
-            "mounted {} ({} bytes, read-ahead {})",
+            "mounted {} ({} bytes, read-ahead {}, {transport})",
             path.display(),
             backend.size(),
             read_ahead.map_or("unknown".into(), |bytes| format!("{} KiB", bytes / 1024))
@@ -224,8 +376,20 @@ impl FileMount {
             backend,
             runtime,
             read_ahead,
+            transport,
+            ring_stats,
             session: Some(session),
         })
+    }
+
+    /// How requests reach this mount: io_uring queues or `/dev/fuse` (with the reason).
+    pub fn transport(&self) -> &Transport {
+        &self.transport
+    }
+
+    /// Requests the io_uring queues have answered (0 in classic mode).
+    pub fn ring_requests(&self) -> u64 {
+        self.ring_stats.requests.load(Ordering::Relaxed)
     }
 
     /// The read-ahead of the connection in bytes (the size buffered sequential reads are
@@ -260,7 +424,7 @@ impl FileMount {
         let (Ok(start), Ok(count)) = (start, count) else {
             return Err(error(std::io::Error::from(std::io::ErrorKind::InvalidInput)));
         };
-        match session.notifier().inval_inode(FILE_INO, start, count) {
+        match session.classic.notifier().inval_inode(FILE_INO, start, count) {
             // The kernel has not looked the file up (or forgot it): nothing of it is cached.
             Err(err) if err.raw_os_error() == Some(libc::ENOENT) => Ok(()),
             result => result.map_err(error),
@@ -387,7 +551,7 @@ impl Drop for FileMount {
                 // file until they close it.
                 tracing::warn!("{err}; detaching it lazily instead");
                 let _ = nix::mount::umount2(&self.mountpoint, nix::mount::MntFlags::MNT_DETACH);
-                drop(session);
+                drop(session.classic);
             }
         }
     }

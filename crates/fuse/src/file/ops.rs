@@ -1,85 +1,34 @@
-//! The FUSE operations of the file frontend: a root directory and one file whose bytes are the
-//! backend's. Every backend call runs as a task on the mount's runtime, which replies.
+//! The classic transport: fuser's threads read requests from `/dev/fuse` and call this
+//! [`Filesystem`], which answers from [`FileCore`]; every backend call runs as a task on the
+//! mount's runtime, which replies. With FUSE over io_uring the ring queues (`ring`) take over
+//! all requests except INIT, FORGET and INTERRUPT once they are registered.
 
-use std::ffi::{OsStr, OsString};
-use std::sync::Mutex;
+use std::ffi::OsStr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use fuser::{
-    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
-    KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty,
-    ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, TimeOrNow, WriteFlags,
+    Errno, FileHandle, Filesystem, Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags,
+    ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs,
+    ReplyWrite, Request, TimeOrNow, WriteFlags,
 };
-use r3map_core::SharedBackend;
 use tokio::runtime::Handle;
 
-use super::{FileOptions, BLOCK_SIZE, FILE_INO, ROOT_INO, TTL};
-/// The errno a FUSE reply carries for a backend error.
-fn errno(err: &r3map_core::Error) -> Errno {
-    Errno::from_i32(err.errno())
-}
+use super::core::{self, AttrChanges, FileCore};
+use super::{BLOCK_SIZE, TTL};
 
-/// The filesystem served to the kernel: a root directory and one file.
+/// The fuser filesystem of a mount.
 pub(super) struct OneFile {
-    backend: SharedBackend,
+    core: Arc<FileCore>,
     runtime: Handle,
-    name: OsString,
-    options: FileOptions,
-    uid: u32,
-    gid: u32,
-    created: SystemTime,
-    /// Last modification and access times (they are the only attributes that change).
-    times: Mutex<(SystemTime, SystemTime)>,
+    /// Set at INIT when the kernel offered FUSE over io_uring and the mount asked for it.
+    uring: Arc<AtomicBool>,
 }
 
 impl OneFile {
-    pub(super) fn new(backend: SharedBackend, runtime: Handle, name: OsString, options: FileOptions) -> Self {
-        let now = SystemTime::now();
-        Self {
-            backend,
-            runtime,
-            name,
-            options,
-            uid: nix::unistd::geteuid().as_raw(),
-            gid: nix::unistd::getegid().as_raw(),
-            created: now,
-            times: Mutex::new((now, now)),
-        }
-    }
-
-    fn size(&self) -> u64 {
-        self.backend.size()
-    }
-
-    fn attr(&self, ino: INodeNo) -> FileAttr {
-        let (mtime, atime) = *self.times.lock().unwrap_or_else(|e| e.into_inner());
-        let (kind, perm, size, nlink) = if ino == ROOT_INO {
-            (FileType::Directory, 0o700 | (self.options.mode & 0o055), 0, 2)
-        } else {
-            (FileType::RegularFile, self.options.mode, self.size(), 1)
-        };
-        FileAttr {
-            ino,
-            size,
-            blocks: size.div_ceil(512),
-            atime,
-            mtime,
-            ctime: mtime,
-            crtime: self.created,
-            kind,
-            perm,
-            nlink,
-            uid: self.uid,
-            gid: self.gid,
-            rdev: 0,
-            blksize: BLOCK_SIZE,
-            flags: 0,
-        }
-    }
-
-    fn touch(&self) {
-        let mut times = self.times.lock().unwrap_or_else(|e| e.into_inner());
-        times.0 = SystemTime::now();
+    pub(super) fn new(core: Arc<FileCore>, runtime: Handle, uring: Arc<AtomicBool>) -> Self {
+        Self { core, runtime, uring }
     }
 
     /// Runs a backend call on the runtime; the task replies. If the runtime is gone, the
@@ -87,31 +36,18 @@ impl OneFile {
     fn spawn(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
         drop(self.runtime.spawn(task));
     }
-
-    /// Flushes the backend and replies (fsync).
-    fn sync(&self, reply: ReplyEmpty) {
-        let backend = self.backend.clone();
-        self.spawn(async move {
-            match backend.sync().await {
-                Ok(()) => reply.ok(),
-                Err(err) => {
-                    tracing::warn!("flushing the backend failed: {err}");
-                    reply.error(errno(&err));
-                }
-            }
-        });
-    }
 }
 
 impl Filesystem for OneFile {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let options = self.core.options();
         // Each setter returns the nearest value the kernel accepts when ours is too large.
-        if let Err(nearest) = config.set_max_write(self.options.max_request) {
+        if let Err(nearest) = config.set_max_write(options.max_request) {
             let _ = config.set_max_write(nearest);
         }
         // The kernel offers its current read-ahead (128 KiB) as the maximum here and only lets
         // a server lower it; the mount raises it in sysfs after INIT (see `tuning`).
-        if let Err(nearest) = config.set_max_readahead(self.options.max_request) {
+        if let Err(nearest) = config.set_max_readahead(options.max_request) {
             let _ = config.set_max_readahead(nearest);
         }
         // fuser asks for `FUSE_MAX_PAGES` with max_pages = max(max_write, max_readahead) in
@@ -121,22 +57,26 @@ impl Filesystem for OneFile {
         if config.capabilities().contains(InitFlags::FUSE_ASYNC_DIO) {
             let _ = config.add_capabilities(InitFlags::FUSE_ASYNC_DIO);
         }
+        // Only offered while the `enable_uring` module parameter is on. Once accepted, the
+        // kernel holds every request until each queue has registered an entry (or a
+        // registration failed, which falls back to `/dev/fuse`).
+        if options.io_uring && config.add_capabilities(InitFlags::FUSE_OVER_IO_URING).is_ok() {
+            self.uring.store(true, Ordering::SeqCst);
+        }
         Ok(())
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        if parent == ROOT_INO && name == self.name {
-            reply.entry(&TTL, &self.attr(FILE_INO), Generation(0));
-        } else {
-            reply.error(Errno::ENOENT);
+        match self.core.lookup(parent, name) {
+            Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
+            Err(errno) => reply.error(errno),
         }
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        if ino == ROOT_INO || ino == FILE_INO {
-            reply.attr(&TTL, &self.attr(ino));
-        } else {
-            reply.error(Errno::ENOENT);
+        match self.core.getattr(ino) {
+            Ok(attr) => reply.attr(&TTL, &attr),
+            Err(errno) => reply.error(errno),
         }
     }
 
@@ -158,43 +98,25 @@ impl Filesystem for OneFile {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        if ino != FILE_INO && ino != ROOT_INO {
-            return reply.error(Errno::ENOENT);
-        }
-        // The size is the backend's and cannot change; truncating to the same size (O_TRUNC
-        // of an empty file, `truncate -s <size>`) is accepted.
-        if size.is_some_and(|size| ino != FILE_INO || size != self.size()) {
-            tracing::debug!("refused to resize the r3map file to {size:?} bytes");
-            return reply.error(Errno::EPERM);
-        }
-        if mode.is_some() || uid.is_some() || gid.is_some() {
-            return reply.error(Errno::EPERM);
-        }
-        let resolve = |t: TimeOrNow| match t {
-            TimeOrNow::SpecificTime(t) => t,
-            TimeOrNow::Now => SystemTime::now(),
+        let changes = AttrChanges {
+            mode,
+            uid,
+            gid,
+            size,
+            atime,
+            mtime,
         };
-        {
-            let mut times = self.times.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(t) = mtime {
-                times.0 = resolve(t);
-            }
-            if let Some(t) = atime {
-                times.1 = resolve(t);
-            }
+        match self.core.setattr(ino, changes) {
+            Ok(attr) => reply.attr(&TTL, &attr),
+            Err(errno) => reply.error(errno),
         }
-        reply.attr(&TTL, &self.attr(ino));
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        if ino != FILE_INO {
-            return reply.error(Errno::EISDIR);
+        match self.core.open(ino, flags.0) {
+            Ok(open_flags) => reply.opened(FileHandle(0), open_flags),
+            Err(errno) => reply.error(errno),
         }
-        let writing = flags.0 & libc::O_ACCMODE != libc::O_RDONLY;
-        if writing && self.options.read_only {
-            return reply.error(Errno::EROFS);
-        }
-        reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE);
     }
 
     fn read(
@@ -208,23 +130,16 @@ impl Filesystem for OneFile {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        if ino != FILE_INO {
-            return reply.error(Errno::EISDIR);
-        }
-        let total = self.size();
-        if offset >= total {
-            return reply.data(&[]);
-        }
-        let len = u64::from(size).min(total - offset) as usize;
-        let backend = self.backend.clone();
+        let len = match self.core.read_len(ino, offset, size) {
+            Ok(0) => return reply.data(&[]),
+            Ok(len) => len,
+            Err(errno) => return reply.error(errno),
+        };
+        let backend = self.core.backend().clone();
         self.spawn(async move {
-            let mut buf = vec![0u8; len];
-            match backend.read_at(offset, &mut buf).await {
-                Ok(()) => reply.data(&buf),
-                Err(err) => {
-                    tracing::warn!("read of {len} bytes at {offset} failed: {err}");
-                    reply.error(errno(&err));
-                }
+            match core::read(backend, offset, len).await {
+                Ok(data) => reply.data(&data),
+                Err(errno) => reply.error(errno),
             }
         });
     }
@@ -241,29 +156,16 @@ impl Filesystem for OneFile {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        if ino != FILE_INO {
-            return reply.error(Errno::EISDIR);
-        }
-        if self.options.read_only {
-            return reply.error(Errno::EROFS);
-        }
-        let total = self.size();
-        if offset >= total && !data.is_empty() {
-            // A fixed-size file: like a block device, writing at the end has no room.
-            return reply.error(Errno::ENOSPC);
-        }
-        // A write reaching past the end writes what fits and reports the short count.
-        let len = (data.len() as u64).min(total.saturating_sub(offset)) as usize;
+        let len = match self.core.write_len(ino, offset, data.len()) {
+            Ok(len) => len,
+            Err(errno) => return reply.error(errno),
+        };
         let data = data[..len].to_vec();
-        self.touch();
-        let backend = self.backend.clone();
+        let backend = self.core.backend().clone();
         self.spawn(async move {
-            match backend.write_at(offset, &data).await {
-                Ok(()) => reply.written(len as u32),
-                Err(err) => {
-                    tracing::warn!("write of {len} bytes at {offset} failed: {err}");
-                    reply.error(errno(&err));
-                }
+            match core::write(backend, offset, data).await {
+                Ok(written) => reply.written(written),
+                Err(errno) => reply.error(errno),
             }
         });
     }
@@ -283,7 +185,13 @@ impl Filesystem for OneFile {
     }
 
     fn fsync(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
-        self.sync(reply);
+        let backend = self.core.backend().clone();
+        self.spawn(async move {
+            match core::sync(backend).await {
+                Ok(()) => reply.ok(),
+                Err(errno) => reply.error(errno),
+            }
+        });
     }
 
     fn fallocate(
@@ -296,58 +204,25 @@ impl Filesystem for OneFile {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        if ino != FILE_INO {
-            return reply.error(Errno::EISDIR);
-        }
-        let keep_size = mode & libc::FALLOC_FL_KEEP_SIZE != 0;
-        let action = mode & !libc::FALLOC_FL_KEEP_SIZE;
-        let total = self.size();
-        let end = offset.saturating_add(length);
-        if !keep_size && end > total {
-            // Growing the file is impossible.
-            return reply.error(Errno::EFBIG);
-        }
-        // With KEEP_SIZE, the part past the end is ignored, as on any file.
-        let len = end.min(total).saturating_sub(offset);
-        let punch = action == libc::FALLOC_FL_PUNCH_HOLE;
-        let zero = action == libc::FALLOC_FL_ZERO_RANGE;
-        if action == 0 || len == 0 {
-            // Plain allocation: every byte of the backend already exists.
-            return reply.ok();
-        }
-        if !punch && !zero {
-            return reply.error(Errno::EOPNOTSUPP);
-        }
-        if self.options.read_only {
-            return reply.error(Errno::EROFS);
-        }
-        self.touch();
-        let backend = self.backend.clone();
+        let action = match self.core.fallocate(ino, offset, length, mode) {
+            Ok(core::Fallocate::Nothing) => return reply.ok(),
+            Ok(action) => action,
+            Err(errno) => return reply.error(errno),
+        };
+        let backend = self.core.backend().clone();
         self.spawn(async move {
-            let result = if punch {
-                backend.trim(offset, len).await
-            } else {
-                backend.write_zeroes(offset, len).await
-            };
-            match result {
+            match core::fallocate(backend, action).await {
                 Ok(()) => reply.ok(),
-                Err(err) => {
-                    tracing::warn!("fallocate (mode {mode:#x}) of {len} bytes at {offset} failed: {err}");
-                    reply.error(errno(&err));
-                }
+                Err(errno) => reply.error(errno),
             }
         });
     }
 
     fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
-        if ino != ROOT_INO {
-            return reply.error(Errno::ENOTDIR);
-        }
-        let entries = [
-            (ROOT_INO, FileType::Directory, OsStr::new(".")),
-            (ROOT_INO, FileType::Directory, OsStr::new("..")),
-            (FILE_INO, FileType::RegularFile, self.name.as_os_str()),
-        ];
+        let entries = match self.core.entries(ino) {
+            Ok(entries) => entries,
+            Err(errno) => return reply.error(errno),
+        };
         for (index, (ino, kind, name)) in entries.iter().enumerate().skip(offset as usize) {
             if reply.add(*ino, index as u64 + 1, *kind, name) {
                 break;
@@ -357,8 +232,7 @@ impl Filesystem for OneFile {
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        let blocks = self.size().div_ceil(u64::from(BLOCK_SIZE));
-        reply.statfs(blocks, 0, 0, 1, 0, BLOCK_SIZE, 255, BLOCK_SIZE);
+        reply.statfs(self.core.blocks(), 0, 0, 1, 0, BLOCK_SIZE, 255, BLOCK_SIZE);
     }
 
     fn create(

@@ -1,5 +1,7 @@
 //! The raw kernel calls of this crate (loop-driver ioctls, the page size) behind small safe
-//! functions. It is the only module with `unsafe`.
+//! functions, and FUSE over io_uring in [`uring`]. It is the only module with `unsafe`.
+
+pub(crate) mod uring;
 
 use std::fs::File;
 use std::io;

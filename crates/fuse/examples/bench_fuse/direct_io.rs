@@ -1,12 +1,11 @@
-//! Throughput of the file frontend (FUSE) and the path frontend (loop over FUSE) against the
-//! same memory backend called directly: sequential and random reads and writes of 4 KiB and
-//! 1 MiB, one request at a time.
+//! Issue 5's table: throughput of the file frontend (FUSE) and the path frontend (loop over
+//! FUSE) against the same memory backend called directly: sequential and random reads and
+//! writes of 4 KiB and 1 MiB, one request at a time.
 //!
 //! The FUSE file and the loop device are opened with `O_DIRECT`, so every request goes through
 //! the frontend to the backend rather than being served by (or parked in) the page cache: the
-//! figures measure the frontend, not memory copies of cached pages.
-//!
-//! Run as root: `cargo run --release -p r3map-fuse --example bench_fuse [size-MiB]`.
+//! figures measure the frontend, not memory copies of cached pages. Every path gets a warm-up
+//! pass (an eighth of the case) before its measured pass.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
@@ -15,27 +14,27 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use r3map_core::{Backend, MemoryBackend, SharedBackend};
-use r3map_fuse::DiskMount;
+use r3map_fuse::{DiskMount, FileOptions, LoopOptions};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
-const KIB: u64 = 1024;
-const MIB: u64 = 1024 * KIB;
+pub const KIB: u64 = 1024;
+pub const MIB: u64 = 1024 * KIB;
 
 /// A 4096-aligned buffer (O_DIRECT needs aligned memory).
-struct Aligned {
+pub struct Aligned {
     storage: Vec<u8>,
     start: usize,
     len: usize,
 }
 
 impl Aligned {
-    fn new(len: usize) -> Self {
+    pub fn new(len: usize) -> Self {
         let storage = vec![0x5Au8; len + 4096];
         let start = storage.as_ptr().align_offset(4096);
         Self { storage, start, len }
     }
-    fn get(&mut self) -> &mut [u8] {
+    pub fn get(&mut self) -> &mut [u8] {
         &mut self.storage[self.start..self.start + self.len]
     }
 }
@@ -102,7 +101,7 @@ fn direct(rt: &tokio::runtime::Runtime, backend: &SharedBackend, case: Case, off
     })
 }
 
-fn open_direct(path: &Path) -> File {
+pub fn open_direct(path: &Path) -> File {
     OpenOptions::new()
         .read(true)
         .write(true)
@@ -111,21 +110,13 @@ fn open_direct(path: &Path) -> File {
         .unwrap_or_else(|err| panic!("open {} with O_DIRECT: {err}", path.display()))
 }
 
-fn mb_per_s(bytes: u64, took: Duration) -> f64 {
+pub fn mb_per_s(bytes: u64, took: Duration) -> f64 {
     bytes as f64 / took.as_secs_f64() / 1e6
 }
 
-fn main() {
-    let size_mib: u64 = std::env::args()
-        .nth(1)
-        .map(|s| s.parse().expect("size in MiB"))
-        .unwrap_or(256);
+/// Prints the table for a memory backend of `size_mib` MiB mounted with `options`.
+pub fn run(rt: &tokio::runtime::Runtime, size_mib: u64, options: &FileOptions) {
     let size = size_mib * MIB;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
     let backend: SharedBackend = Arc::new(MemoryBackend::new(size));
     // Touch every page first, so no measurement pays for first-touch page faults.
     rt.block_on(async {
@@ -138,14 +129,22 @@ fn main() {
         .prefix("r3map-bench-fuse-")
         .tempdir_in("/var/tmp")
         .unwrap();
-    let mut disk = DiskMount::open(backend.clone(), scratch.path(), "disk", rt.handle().clone())
-        .expect("open the disk (run as root)");
+    let mut disk = DiskMount::open_with(
+        backend.clone(),
+        scratch.path(),
+        "disk",
+        rt.handle().clone(),
+        options,
+        &LoopOptions::default(),
+    )
+    .expect("open the disk (run as root)");
     let file = open_direct(disk.file().path());
     let device = open_direct(disk.path());
 
     println!(
-        "backend: memory, {size_mib} MiB; loop device {} (direct I/O {}); one request at a time; \
-         FUSE file and loop device opened with O_DIRECT\n",
+        "backend: memory, {size_mib} MiB; {}; loop device {} (direct I/O {}); one request at a \
+         time; FUSE file and loop device opened with O_DIRECT\n",
+        disk.file().transport(),
         disk.path().display(),
         if disk.device().direct_io() { "on" } else { "off" }
     );
@@ -167,10 +166,10 @@ fn main() {
                 ..case
             };
             let warm_offsets = &offsets[..offsets.len() / 8];
-            let _ = direct(&rt, &backend, warm_up, warm_offsets);
+            let _ = direct(rt, &backend, warm_up, warm_offsets);
             let _ = through_file(&file, warm_up, warm_offsets);
             let _ = through_file(&device, warm_up, warm_offsets);
-            let d = mb_per_s(total, direct(&rt, &backend, case, &offsets));
+            let d = mb_per_s(total, direct(rt, &backend, case, &offsets));
             let f = mb_per_s(total, through_file(&file, case, &offsets));
             let l = mb_per_s(total, through_file(&device, case, &offsets));
             let label = if block == MIB {
@@ -189,4 +188,5 @@ fn main() {
     drop(file);
     drop(device);
     disk.close_blocking().expect("close");
+    println!();
 }
