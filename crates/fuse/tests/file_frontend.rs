@@ -13,7 +13,7 @@ use common::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 use r3map_core::testing::{ops_strategy, pattern, Op};
 use r3map_core::{MemoryBackend, SharedBackend};
-use r3map_fuse::{FileMount, FuseError};
+use r3map_fuse::{FileMount, FileOptions, FuseError};
 
 /// Not a multiple of the page size, so the short tail page is exercised too.
 const SIZE: u64 = (6 << 20) + 1234;
@@ -145,11 +145,18 @@ fn file_matches_model_under_random_operations() {
     if !fuse_available() {
         return;
     }
+    for options in transports() {
+        file_matches_model_under_random_operations_over(&options);
+    }
+}
+
+fn file_matches_model_under_random_operations_over(options: &FileOptions) {
+    eprintln!("io_uring: {}", options.io_uring);
     let dir = scratch();
     let rt = runtime();
     let backend: SharedBackend = Arc::new(MemoryBackend::new(SIZE));
-    let mut mount =
-        FileMount::mount(backend.clone(), dir.path(), "data", rt.handle().clone()).expect("mount");
+    let mut mount = FileMount::mount_with(backend.clone(), dir.path(), "data", rt.handle().clone(), options)
+        .expect("mount");
     let file = open_rw(mount.path());
     assert_eq!(file.metadata().unwrap().len(), SIZE);
 
@@ -413,12 +420,20 @@ fn requests_are_served_concurrently() {
     if !fuse_available() {
         return;
     }
+    for options in transports() {
+        requests_are_served_concurrently_over(&options);
+    }
+}
+
+fn requests_are_served_concurrently_over(options: &FileOptions) {
+    eprintln!("io_uring: {}", options.io_uring);
     let dir = scratch();
     let rt = runtime();
     const READERS: usize = 4;
     let rendezvous = Rendezvous::new(Arc::new(MemoryBackend::new(8 << 20)), READERS as u64);
     let backend: SharedBackend = rendezvous.clone();
-    let mut mount = FileMount::mount(backend.clone(), dir.path(), "data", rt.handle().clone()).unwrap();
+    let mut mount =
+        FileMount::mount_with(backend.clone(), dir.path(), "data", rt.handle().clone(), options).unwrap();
     let path = mount.path().to_path_buf();
     std::thread::scope(|scope| {
         for reader in 0..READERS {
@@ -446,12 +461,20 @@ fn concurrent_readers_and_writers_keep_their_data() {
     if !fuse_available() {
         return;
     }
+    for options in transports() {
+        concurrent_readers_and_writers_keep_their_data_over(&options);
+    }
+}
+
+fn concurrent_readers_and_writers_keep_their_data_over(options: &FileOptions) {
+    eprintln!("io_uring: {}", options.io_uring);
     let dir = scratch();
     let rt = runtime();
     const REGION: u64 = 1 << 20;
     const WRITERS: u64 = 4;
     let backend: SharedBackend = Arc::new(MemoryBackend::new((WRITERS + 1) * REGION));
-    let mut mount = FileMount::mount(backend.clone(), dir.path(), "data", rt.handle().clone()).unwrap();
+    let mut mount =
+        FileMount::mount_with(backend.clone(), dir.path(), "data", rt.handle().clone(), options).unwrap();
     let path = mount.path().to_path_buf();
     // The last region is written once and then only read.
     let fixed = pattern(99, REGION as usize);

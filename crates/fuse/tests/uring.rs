@@ -1,14 +1,15 @@
 //! The file frontend over FUSE over io_uring: data and metadata round trips through the ring
 //! queues, and the classic `/dev/fuse` transport when io_uring is not asked for.
 //!
-//! The io_uring test needs the `fuse` module parameter `enable_uring`; it turns it on if it can
-//! (root), otherwise it is a counted skip.
+//! The io_uring tests need the `fuse` module parameter `enable_uring`; they turn it on if they
+//! can (root; a change for the whole kernel, printed as `enable_uring: TurnedOn`), otherwise
+//! they are counted skips.
 
 mod common;
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
-use std::sync::atomic::Ordering::SeqCst;
+use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
 use std::sync::Arc;
 
 use common::*;
@@ -100,9 +101,12 @@ fn io_uring_mode_round_trips_data_and_metadata() {
     if !fuse_available() {
         return;
     }
-    if let Err(reason) = enable_uring() {
-        r3map_core::testing::skip(&format!("FUSE over io_uring is unavailable: {reason}"));
-        return;
+    match enable_uring() {
+        Ok(switch) => eprintln!("enable_uring: {switch:?}"),
+        Err(reason) => {
+            r3map_core::testing::skip(&format!("FUSE over io_uring is unavailable: {reason}"));
+            return;
+        }
     }
     let dir = scratch();
     let rt = runtime();
@@ -145,4 +149,118 @@ fn classic_transport_when_io_uring_is_not_requested() {
     round_trip(&rt, &mount, &backend);
     assert_eq!(mount.ring_requests(), 0, "no request went through a ring");
     mount.unmount_blocking().unwrap();
+}
+
+/// Holds every read at or past `from` until released, counting those that arrived.
+struct Stall {
+    inner: SharedBackend,
+    from: u64,
+    held: AtomicU64,
+    release: tokio::sync::watch::Sender<bool>,
+}
+
+#[async_trait::async_trait]
+impl r3map_core::Backend for Stall {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    async fn read_at(&self, offset: u64, buf: &mut [u8]) -> r3map_core::Result<()> {
+        if offset + buf.len() as u64 > self.from {
+            self.held.fetch_add(1, SeqCst);
+            let mut released = self.release.subscribe();
+            let _ = released.wait_for(|&released| released).await;
+        }
+        self.inner.read_at(offset, buf).await
+    }
+    async fn write_at(&self, offset: u64, data: &[u8]) -> r3map_core::Result<()> {
+        self.inner.write_at(offset, data).await
+    }
+    async fn sync(&self) -> r3map_core::Result<()> {
+        self.inner.sync().await
+    }
+}
+
+/// A readahead whose READ is still in the backend when the file is closed and the filesystem
+/// unmounted (a background request outlives its file): the kernel fails the request and
+/// releases its entry at the teardown, and unmount returns without waiting for the backend
+/// call, over either transport. Before, a queue thread waited for every entry it had in
+/// service, so unmount hung as long as the backend did.
+#[test]
+fn unmount_does_not_wait_for_a_backend_call_still_in_service() {
+    if !fuse_available() {
+        return;
+    }
+    let uring = match enable_uring() {
+        Ok(switch) => {
+            eprintln!("enable_uring: {switch:?}");
+            true
+        }
+        Err(reason) => {
+            r3map_core::testing::skip(&format!(
+                "FUSE over io_uring is unavailable (only the classic transport is checked): {reason}"
+            ));
+            false
+        }
+    };
+    for io_uring in [true, false].into_iter().filter(|&mode| uring || !mode) {
+        let dir = scratch();
+        let rt = runtime();
+        let (release, _) = tokio::sync::watch::channel(false);
+        let stall = Arc::new(Stall {
+            inner: Arc::new(MemoryBackend::new(SIZE)),
+            from: 4 * MIB,
+            held: AtomicU64::new(0),
+            release,
+        });
+        let backend: SharedBackend = stall.clone();
+        let options = FileOptions {
+            io_uring,
+            ..FileOptions::default()
+        };
+        let mut mount =
+            FileMount::mount_with(backend, dir.path(), "data", rt.handle().clone(), &options).unwrap();
+        assert_eq!(
+            matches!(mount.transport(), Transport::IoUring { .. }),
+            io_uring,
+            "{}",
+            mount.transport()
+        );
+        let file = File::open(mount.path()).unwrap();
+        // SAFETY: readahead(2) only reads its integer arguments; the fd is open for the call.
+        let rc = unsafe {
+            libc::readahead(
+                std::os::fd::AsRawFd::as_raw_fd(&file),
+                (4 * MIB) as i64,
+                MIB as usize,
+            )
+        };
+        assert_eq!(rc, 0, "readahead: {}", std::io::Error::last_os_error());
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while stall.held.load(SeqCst) == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the readahead never reached the backend"
+            );
+            std::thread::yield_now();
+        }
+        drop(file);
+
+        let (done_tx, done) = std::sync::mpsc::channel();
+        let unmounting = std::thread::spawn(move || {
+            let result = mount.unmount_blocking();
+            let _ = done_tx.send(());
+            (mount, result)
+        });
+        let waited = done.recv_timeout(std::time::Duration::from_secs(10));
+        // Let the held call finish either way, so a failure does not hang the test.
+        stall.release.send_replace(true);
+        let (mount, result) = unmounting.join().unwrap();
+        assert!(
+            waited.is_ok(),
+            "unmount ({}) waited for a backend call the kernel had already given up on",
+            mount.transport()
+        );
+        result.expect("unmount");
+        assert!(!mount.is_mounted());
+    }
 }

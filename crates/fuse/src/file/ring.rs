@@ -13,7 +13,7 @@ use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, Sender};
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
@@ -84,6 +84,9 @@ impl Drop for Reply {
 /// The queues of a mount: their threads, which end when the connection is torn down.
 pub(super) struct Rings {
     threads: Vec<std::thread::JoinHandle<()>>,
+    /// Set once the connection is known to be gone; each thread's eventfd wakes it to look.
+    stop: Arc<AtomicBool>,
+    wakes: Vec<Arc<std::fs::File>>,
 }
 
 impl Rings {
@@ -109,16 +112,23 @@ impl Rings {
             .collect::<io::Result<Vec<_>>>()?;
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let mut threads = Vec::with_capacity(queues);
+        let stop = Arc::new(AtomicBool::new(false));
+        let wakes: Vec<_> = rings.iter().map(|(_, wake)| wake.clone()).collect();
         for (qid, (ring, wake)) in rings.into_iter().enumerate() {
-            let (core, runtime, stats, ready) =
-                (core.clone(), runtime.clone(), stats.clone(), ready_tx.clone());
+            let (core, runtime, stats, ready, stop) = (
+                core.clone(),
+                runtime.clone(),
+                stats.clone(),
+                ready_tx.clone(),
+                stop.clone(),
+            );
             let thread = std::thread::Builder::new()
                 .name(format!("r3map-fuse-q{qid}"))
                 .spawn(move || {
                     if let Err(err) = uring::pin_to_cpu(qid) {
                         tracing::debug!("cannot pin FUSE queue {qid} to its CPU: {err}");
                     }
-                    if let Err(err) = run(ring, wake, core, runtime, stats, ready) {
+                    if let Err(err) = run(ring, wake, core, runtime, stats, ready, &stop) {
                         tracing::warn!("FUSE io_uring queue {qid} stopped: {err}");
                     }
                 })?;
@@ -136,11 +146,17 @@ impl Rings {
                 }
             }
         }
-        Ok(Self { threads })
+        Ok(Self { threads, stop, wakes })
     }
 
-    /// Waits for the queue threads (after the unmount tore the queues down).
+    /// Waits for the queue threads, once the connection is gone (unmounted, or the `/dev/fuse`
+    /// session ended): they end when the kernel has handed back their entries, without waiting
+    /// for backend calls still in service.
     pub(super) fn join(self) {
+        self.stop.store(true, Ordering::SeqCst);
+        for wake in &self.wakes {
+            let _ = (&**wake).write(&1u64.to_ne_bytes());
+        }
         for thread in self.threads {
             let _ = thread.join();
         }
@@ -156,6 +172,7 @@ fn run(
     runtime: Handle,
     stats: Arc<RingStats>,
     ready: Sender<io::Result<()>>,
+    stop: &AtomicBool,
 ) -> io::Result<()> {
     // Inline polls of backend futures need the runtime's context (timers, spawn).
     let _context = runtime.enter();
@@ -189,30 +206,45 @@ fn run(
     };
     drop(ready);
     let (results_tx, results_rx) = std::sync::mpsc::channel();
-    // Entries alive: registered with the kernel or in service here.
-    let mut alive = usize::from(DEPTH);
+    // Entries whose request is in service here (the others' commands are in the kernel:
+    // `ring.in_kernel()`).
+    let mut in_service = 0usize;
+    // The connection is gone: the kernel ended the commands of its waiting entries, and at the
+    // same teardown released the entries in service here (it never touches their buffers
+    // again and has failed their requests), so their backend calls are not waited for: a
+    // call that never returns must not keep the unmount from finishing.
+    let mut closing = false;
     let mut completions: Vec<Completion> = Vec::with_capacity(usize::from(DEPTH) + 1);
-    while alive > 0 {
+    while ring.in_kernel() > 0 || (in_service > 0 && !closing) {
         ring.wait(&mut completions)?;
         for completion in completions.drain(..) {
             if completion.user_data == WAKE {
-                commit_finished(&mut ring, &wake, &results_rx)?;
+                if stop.load(Ordering::SeqCst) {
+                    closing = true;
+                }
+                in_service -= commit_finished(&mut ring, &wake, &results_rx)?;
                 ring.poll(wake.as_fd(), WAKE)?;
                 continue;
             }
             ring.completed();
             let index = completion.user_data as u16;
             if completion.result != 0 {
-                // ENOTCONN/ECANCELED when the connection is torn down; anything else means the
-                // kernel refused the command and the entry is out of service.
-                if completion.result != -libc::ENOTCONN && completion.result != -libc::ECANCELED {
+                // ENOTCONN (entries waiting at teardown), ECONNABORTED (a commit after the
+                // abort), ECANCELED (the ring's task is exiting): the connection is gone.
+                // Anything else means the kernel refused the command and the entry is out of
+                // service.
+                if matches!(
+                    -completion.result,
+                    libc::ENOTCONN | libc::ECONNABORTED | libc::ECANCELED
+                ) {
+                    closing = true;
+                } else {
                     tracing::warn!(
                         index,
                         "FUSE io_uring command failed: {}",
                         io::Error::from_raw_os_error(-completion.result)
                     );
                 }
-                alive -= 1;
                 continue;
             }
             stats.requests.fetch_add(1, Ordering::Relaxed);
@@ -222,6 +254,7 @@ fn run(
             match answer.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
                 Poll::Ready(slot) => ring.commit(index, slot)?,
                 Poll::Pending => {
+                    in_service += 1;
                     let reply = Reply {
                         index,
                         unique: header.unique,
@@ -235,18 +268,30 @@ fn run(
         }
         ring.submit()?;
     }
+    if in_service > 0 {
+        tracing::debug!(
+            in_service,
+            "FUSE queue torn down with requests still in the backend"
+        );
+    }
     Ok(())
 }
 
-/// Commits every finished entry.
-fn commit_finished(ring: &mut QueueRing, wake: &std::fs::File, results: &Receiver<Done>) -> io::Result<()> {
+/// Commits every finished entry; returns how many.
+fn commit_finished(
+    ring: &mut QueueRing,
+    wake: &std::fs::File,
+    results: &Receiver<Done>,
+) -> io::Result<usize> {
     let mut counter = [0u8; 8];
     // The eventfd is non-blocking; a spurious wakeup reads nothing.
     let _ = (&*wake).read(&mut counter);
+    let mut committed = 0;
     while let Ok(done) = results.try_recv() {
         ring.commit(done.index, done.slot)?;
+        committed += 1;
     }
-    Ok(())
+    Ok(committed)
 }
 
 type Answer = Pin<Box<dyn Future<Output = Slot> + Send>>;

@@ -237,6 +237,11 @@ impl QueueRing {
         self.in_kernel -= 1;
     }
 
+    /// Entries whose command is in the kernel.
+    pub(crate) fn in_kernel(&self) -> usize {
+        self.in_kernel
+    }
+
     /// Queues a one-shot poll for readability of `fd` with `user_data`.
     pub(crate) fn poll(&mut self, fd: BorrowedFd<'_>, user_data: u64) -> io::Result<()> {
         let entry: squeue::Entry128 = opcode::PollAdd::new(types::Fd(fd.as_raw_fd()), libc::POLLIN as u32)

@@ -224,3 +224,18 @@ impl Backend for Rendezvous {
         self.inner.sync().await
     }
 }
+
+/// The transports to run a test over: classic `/dev/fuse` always, and FUSE over io_uring when
+/// the kernel offers it now (`enable_uring` on: scripts/test turns it on; the io_uring tests in
+/// `uring.rs` count its absence as a skip).
+pub fn transports() -> Vec<r3map_fuse::FileOptions> {
+    let classic = r3map_fuse::FileOptions {
+        io_uring: false,
+        ..r3map_fuse::FileOptions::default()
+    };
+    let mut all = vec![classic];
+    if r3map_fuse::uring_status() == Ok(true) {
+        all.push(r3map_fuse::FileOptions::default());
+    }
+    all
+}
