@@ -11,8 +11,10 @@
 //! - *io_uring* (`ring`), where the kernel offers FUSE over io_uring (Linux 6.14+ with the
 //!   `fuse` module parameter `enable_uring` on; [`FileOptions::io_uring`]): one queue per CPU,
 //!   each a thread pinned to that CPU with its own ring of [`ring::DEPTH`] entries. A request is
-//!   answered in its entry's buffers, inline when the backend answers at once (a cache hit),
-//!   else by a task on the runtime. No `read(2)`/`write(2)` per request.
+//!   answered in its entry's buffers, inline when the backend answers at once (a cache hit) and
+//!   it moves at most 64 KiB, else by a task on the runtime (so one reader's readahead requests,
+//!   which all land on its CPU's queue, are served in parallel). No `read(2)`/`write(2)` per
+//!   request.
 //! - *classic* (`ops`): a few fuser threads read requests from `/dev/fuse` (each with its own
 //!   cloned fd) and hand every read, write, fsync and fallocate to a task on the shared Tokio
 //!   runtime, which replies (fuser's `Reply*` objects are `Send`). It is the fallback, and it

@@ -6,6 +6,8 @@
 //! answering future once; a backend that answers at once (a local cache hit) is replied to
 //! without any thread hop. A future that has to wait moves, with the entry's buffers, to a task
 //! on the runtime, which sends the finished entry back; an eventfd wakes the thread to commit it.
+//! Reads and writes larger than [`INLINE_MAX`] go to a task at once, so that the large requests
+//! of one queue are copied in parallel.
 
 use std::ffi::OsStr;
 use std::future::Future;
@@ -250,8 +252,14 @@ fn run(
             stats.requests.fetch_add(1, Ordering::Relaxed);
             let slot = ring.take(index);
             let header = InHeader::parse(slot.in_header());
+            let inline = inline(&header, &slot);
             let mut answer = answer(core.clone(), header, slot);
-            match answer.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+            let polled = if inline {
+                answer.as_mut().poll(&mut Context::from_waker(Waker::noop()))
+            } else {
+                Poll::Pending
+            };
+            match polled {
                 Poll::Ready(slot) => ring.commit(index, slot)?,
                 Poll::Pending => {
                     in_service += 1;
@@ -292,6 +300,21 @@ fn commit_finished(
         committed += 1;
     }
     Ok(committed)
+}
+
+/// Largest READ or WRITE answered on the queue's thread. A larger one goes to a task at once:
+/// one reader's requests all arrive on its CPU's queue, and answered inline they would be
+/// served one after another by that queue's thread, while on tasks the runtime's workers copy
+/// several at once (readahead and the loop device keep a few large requests in flight).
+const INLINE_MAX: u32 = 64 << 10;
+
+/// Whether to poll the request's answer on the queue's thread first.
+fn inline(header: &InHeader, slot: &Slot) -> bool {
+    match header.opcode {
+        wire::READ => wire::u32_at(slot.op_in(), 16) <= INLINE_MAX,
+        wire::WRITE => slot.payload().len() <= INLINE_MAX as usize,
+        _ => true,
+    }
 }
 
 type Answer = Pin<Box<dyn Future<Output = Slot> + Send>>;
