@@ -58,10 +58,15 @@ fn stale_mount_of_a_killed_process_is_found_and_cleaned() {
     guard.child.wait().unwrap();
 
     let err = std::fs::File::open(mountpoint.join("disk")).expect_err("the server is gone");
+    eprintln!("opening a file of the dead mount: {err}");
     // ENOTCONN; ECONNABORTED when the server used FUSE over io_uring (the teardown of its
-    // queues aborts the connection).
+    // queues aborts the connection), ECANCELED when the open was being handed to the dying
+    // server's ring (seen in about one run of three with io_uring on).
     assert!(
-        matches!(err.raw_os_error(), Some(libc::ENOTCONN | libc::ECONNABORTED)),
+        matches!(
+            err.raw_os_error(),
+            Some(libc::ENOTCONN | libc::ECONNABORTED | libc::ECANCELED)
+        ),
         "{err}"
     );
 

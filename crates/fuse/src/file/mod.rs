@@ -273,9 +273,13 @@ impl FileMount {
             reason,
         };
         let mountpoint = given.canonicalize().map_err(|err| {
-            // ENOTCONN, or ECONNABORTED when the dead server used io_uring (its queues' teardown
-            // aborts the connection).
-            if matches!(err.raw_os_error(), Some(libc::ENOTCONN | libc::ECONNABORTED)) {
+            // ENOTCONN; ECONNABORTED when the dead server used io_uring (its queues' teardown
+            // aborts the connection), or ECANCELED for a request the kernel was handing to the
+            // dying server's ring.
+            if matches!(
+                err.raw_os_error(),
+                Some(libc::ENOTCONN | libc::ECONNABORTED | libc::ECANCELED)
+            ) {
                 mountpoint_error(format!(
                     "{err}: a FUSE filesystem whose server died is mounted there; run `r3map umount` to clean it"
                 ))
