@@ -35,10 +35,13 @@ pub struct Advertised {
     pub flags: u16,
     /// `(minimum, preferred, maximum)` sent as `NBD_INFO_BLOCK_SIZE`, if any.
     pub block_size: Option<(u32, u32, u32)>,
-    /// Acknowledge structured replies (and offer `base:allocation` as context 1).
+    /// Acknowledge structured replies.
     pub structured: bool,
     /// Acknowledge extended headers (then requests and replies use 32-byte headers).
     pub extended: bool,
+    /// Offer `base:allocation` as context 1 (with structured replies or extended headers);
+    /// otherwise `NBD_OPT_SET_META_CONTEXT` is acknowledged with no context.
+    pub base_allocation: bool,
 }
 
 impl Default for Advertised {
@@ -50,6 +53,7 @@ impl Default for Advertised {
             block_size: None,
             structured: true,
             extended: false,
+            base_allocation: true,
         }
     }
 }
@@ -153,8 +157,10 @@ impl HostileServer {
                     self.reply_option(option, rep::ACK, &[]).await
                 }
                 opt::SET_META_CONTEXT if advertised.structured || advertised.extended => {
-                    let data = codec::meta_context_data(1, wire::BASE_ALLOCATION);
-                    self.reply_option(option, rep::META_CONTEXT, &data).await;
+                    if advertised.base_allocation {
+                        let data = codec::meta_context_data(1, wire::BASE_ALLOCATION);
+                        self.reply_option(option, rep::META_CONTEXT, &data).await;
+                    }
                     self.reply_option(option, rep::ACK, &[]).await;
                 }
                 opt::GO => {
@@ -267,6 +273,18 @@ pub fn extended_data_chunk(
         request_offset,
         &payload,
     )
+}
+
+/// A compact `BLOCK_STATUS` chunk for `context` with `(length, status)` descriptors of 32 bits
+/// each.
+pub fn status_chunk(done: bool, handle: u64, context: u32, descriptors: &[(u32, u32)]) -> Vec<u8> {
+    let mut payload = BytesMut::new();
+    payload.put_u32(context);
+    for &(length, status) in descriptors {
+        payload.put_u32(length);
+        payload.put_u32(status);
+    }
+    chunk(done_flag(done), wire::reply_type::BLOCK_STATUS, handle, &payload)
 }
 
 /// The payload of an extended block status chunk: context id, descriptor count and

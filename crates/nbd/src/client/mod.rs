@@ -7,6 +7,7 @@
 //! one gets an error and the connection is closed; nothing waits forever. Reconnecting is the
 //! job of the core `Reconnecting` stage, not of this client.
 
+mod extents;
 mod negotiate;
 mod replies;
 
@@ -18,7 +19,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use parking_lot::Mutex;
-use r3map_core::{check_range, Backend, Error, Result};
+use r3map_core::{check_range, Backend, Error, Extent, Result};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use crate::codec::{self, CodecError, Framing, StatusDescriptor};
@@ -248,7 +249,7 @@ impl Client {
         info.base_allocation = base_allocation;
         let (io, buf) = negotiation.into_parts();
         let (reader, writer) = tokio::io::split(io);
-        let shared = Arc::new(Shared::new(framing));
+        let shared = Arc::new(Shared::new(framing, info.size));
         let max_in_flight = options.max_in_flight.max(1);
         let (requests, outgoing) = mpsc::channel(max_in_flight);
         tokio::spawn(replies::write_requests(writer, outgoing, shared.clone()));
@@ -481,6 +482,25 @@ impl Backend for Client {
         });
         futures::future::try_join_all(writes).await?;
         Ok(())
+    }
+
+    /// `base:allocation` block status, when the server offers it (otherwise, or without
+    /// structured replies, the whole range is data). One query in whole minimum blocks, cut to
+    /// the range; the server may describe only a prefix. Descriptors that break the protocol
+    /// fail the query and close the connection, like any other violation.
+    async fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        check_range(offset, len, self.info.size)?;
+        if self.info.base_allocation.is_none() || len == 0 {
+            return Ok(vec![Extent::data(len)]);
+        }
+        let min = u64::from(self.info.min_block.max(1));
+        let start = offset / min * min;
+        let end = (offset + len)
+            .div_ceil(min)
+            .saturating_mul(min)
+            .min(self.info.size);
+        let descriptors = self.block_status(start, end - start, 0).await?;
+        Ok(extents::within(&descriptors, start, offset..offset + len))
     }
 
     /// Resets the connection (SO_LINGER 0: data still queued is dropped, the server sees a

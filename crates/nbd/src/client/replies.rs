@@ -97,15 +97,18 @@ pub(super) struct Shared {
     /// The negotiated headers: which reply headers are valid, and whether reads must come
     /// as chunks.
     pub(super) framing: Framing,
+    /// Size of the export, which no block status descriptor may reach past.
+    export_size: u64,
     /// Turns true when the connection is closed; both tasks stop then.
     closing: watch::Sender<bool>,
 }
 
 impl Shared {
-    pub(super) fn new(framing: Framing) -> Self {
+    pub(super) fn new(framing: Framing, export_size: u64) -> Self {
         Self {
             table: Mutex::new(Table::default()),
             framing,
+            export_size,
             closing: watch::channel(false).0,
         }
     }
@@ -246,6 +249,38 @@ fn within(pending: &Pending, offset: u64, len: u64) -> Option<(u64, u64)> {
     (end <= pending.length).then_some((start, end))
 }
 
+/// Checks block status descriptors against the request they answer: they describe consecutive
+/// ranges from the request's offset, each one starting inside the requested range (so all but
+/// the last end inside it), and none reaching past the end of the export. The last one may reach
+/// past the request: servers may describe more than was asked.
+fn check_status(
+    pending: &Pending,
+    descriptors: &[StatusDescriptor],
+    export_size: u64,
+) -> std::result::Result<(), String> {
+    // The client checked the request against the export, so this does not overflow.
+    let request_end = pending.offset + pending.length;
+    let mut at = pending.offset;
+    for (i, descriptor) in descriptors.iter().enumerate() {
+        if at >= request_end {
+            return Err(format!(
+                "block status descriptor {i} starts at {at}, past the requested range {}..{request_end}",
+                pending.offset
+            ));
+        }
+        at = at
+            .checked_add(descriptor.length)
+            .filter(|&end| end <= export_size)
+            .ok_or_else(|| {
+                format!(
+                    "block status descriptor {i} of {} bytes at {at} reaches past the end of the export ({export_size} bytes)",
+                    descriptor.length
+                )
+            })?;
+    }
+    Ok(())
+}
+
 impl ReplyReader {
     async fn fill(&mut self) -> Result<bool> {
         self.buf.reserve(64 << 10);
@@ -324,7 +359,7 @@ impl ReplyReader {
                     )));
                 }
                 pending.chunked = true;
-                self.chunk(&mut pending, kind, length, shared.framing).await?;
+                self.chunk(&mut pending, kind, length, shared).await?;
                 if flags & wire::reply_flags::DONE != 0 {
                     let result = match pending.error.take() {
                         Some(err) => Err(err),
@@ -350,7 +385,8 @@ impl ReplyReader {
         Ok(true)
     }
 
-    async fn chunk(&mut self, pending: &mut Pending, kind: u16, length: u64, framing: Framing) -> Result<()> {
+    async fn chunk(&mut self, pending: &mut Pending, kind: u16, length: u64, shared: &Shared) -> Result<()> {
+        let framing = shared.framing;
         let is_read = pending.command == cmd::READ;
         let status_kind = if framing.extended() {
             reply_type::BLOCK_STATUS_EXT
@@ -418,6 +454,7 @@ impl ReplyReader {
                         pending.context
                     )));
                 }
+                check_status(pending, &descriptors, shared.export_size).map_err(protocol)?;
                 pending.status = descriptors;
             }
             other => {
