@@ -100,6 +100,11 @@ impl Backend for MemoryBackend {
         check_range(offset, len, self.size)?;
         self.for_each_segment(offset, len as usize, |segment, within, range| {
             let mut bytes = self.segments[segment].write();
+            if !self.written[segment].load(Ordering::Acquire) {
+                // Never written since it was last wholly zeroed: zeros already, and its pages
+                // need not be touched (a cache skipping a remote's holes zeroes most of itself).
+                return;
+            }
             bytes[within..within + range.len()].fill(0);
             if range.len() == bytes.len() {
                 self.written[segment].store(false, Ordering::Release);

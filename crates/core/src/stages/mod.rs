@@ -10,6 +10,7 @@ pub mod gate;
 pub mod puller;
 pub mod pusher;
 pub mod reconnect;
+pub mod sparse;
 pub mod synced;
 pub mod tracker;
 
@@ -19,5 +20,6 @@ pub use gate::Gate;
 pub use puller::{Priority, PullProgress, PullTarget, Puller, PullerOptions};
 pub use pusher::{PushState, Pusher, PusherOptions};
 pub use reconnect::{Connector, ReconnectOptions, Reconnecting};
+pub use sparse::SkipHoles;
 pub use synced::Synced;
 pub use tracker::Tracker;

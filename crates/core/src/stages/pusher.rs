@@ -22,7 +22,7 @@ use async_trait::async_trait;
 use futures::StreamExt;
 use tokio::sync::{Mutex as AsyncMutex, Notify};
 
-use crate::{check_range, AtomicBitmap, Backend, ChunkLayout, Error, Result, SharedBackend};
+use crate::{check_range, AtomicBitmap, Backend, ChunkLayout, Error, Extent, Result, SharedBackend};
 
 /// Pusher settings. The defaults push: there is no setting that silently turns pushing off.
 #[derive(Debug, Clone)]
@@ -354,5 +354,9 @@ impl Backend for Pusher {
         let result = self.shared.inner.write_zeroes(offset, len).await;
         self.shared.mark_range(offset, len);
         result
+    }
+    /// The inner backend's: it holds every write, pushed or not.
+    async fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        self.shared.inner.extents(offset, len).await
     }
 }

@@ -30,7 +30,7 @@ use async_trait::async_trait;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::{Backend, Error, Result, SharedBackend};
+use crate::{Backend, Error, Extent, Result, SharedBackend};
 
 /// Makes a new connection to the remote.
 pub type Connector =
@@ -321,5 +321,8 @@ impl Backend for Reconnecting {
     }
     async fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
         retried!(self, write: true, |backend| backend.write_zeroes(offset, len))
+    }
+    async fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        retried!(self, write: false, |backend| backend.extents(offset, len))
     }
 }

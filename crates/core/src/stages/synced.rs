@@ -1,6 +1,12 @@
 //! Synced: a local cache in front of a remote. The first read of a chunk fetches it from the
 //! remote once (concurrent readers share that fetch); later reads are local. Writes go to the
 //! cache only: pushing them back is the pusher's job.
+//!
+//! A chunk the remote reports as a hole can be made local without a transfer
+//! ([`Synced::install_zeros`]): the cache's copy is trimmed to zeros, as if zeros had been
+//! fetched. Extents report what a read would return: the cache's extents for local chunks (the
+//! cache is authoritative for them, so a chunk written locally is never taken for the remote's
+//! hole), the remote's for the others.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -10,7 +16,7 @@ use futures::future::try_join_all;
 use tokio::sync::Notify;
 
 use crate::stages::puller::PullTarget;
-use crate::{check_range, AtomicBitmap, Backend, ChunkLayout, ChunkLocks, Result, SharedBackend};
+use crate::{check_range, AtomicBitmap, Backend, ChunkLayout, ChunkLocks, Extent, Result, SharedBackend};
 
 /// Called with a chunk index whenever a chunk becomes local.
 pub type ChunkHook = Arc<dyn Fn(u64) + Send + Sync>;
@@ -32,6 +38,10 @@ pub struct Synced {
     /// Signalled whenever a fetch ends.
     fetch_done: Notify,
     fetches: AtomicU64,
+    /// Chunks made local as zeros because the remote reported them as holes.
+    holes: AtomicU64,
+    /// Bumped by every `mark_remote`: what was learnt about the remote before it may be stale.
+    remote_epoch: AtomicU64,
     on_local: Option<ChunkHook>,
 }
 
@@ -83,6 +93,8 @@ impl Synced {
             fetching: AtomicBitmap::new(layout.chunk_count()),
             fetch_done: Notify::new(),
             fetches: AtomicU64::new(0),
+            holes: AtomicU64::new(0),
+            remote_epoch: AtomicU64::new(0),
             on_local: None,
         })
     }
@@ -118,10 +130,48 @@ impl Synced {
         self.fetches.load(Ordering::Relaxed)
     }
 
+    /// Number of chunks made local as zeros, without a transfer ([`Synced::install_zeros`]).
+    pub fn hole_count(&self) -> u64 {
+        self.holes.load(Ordering::Relaxed)
+    }
+
+    /// The current remote epoch: read it before asking the remote where its holes are, and
+    /// pass it to [`Synced::install_zeros`], which refuses answers older than a `mark_remote`.
+    pub fn remote_epoch(&self) -> u64 {
+        self.remote_epoch.load(Ordering::Acquire)
+    }
+
+    /// Makes `chunk` local as zeros without fetching it, because the remote said the chunk is
+    /// a hole in an answer asked for at `epoch` ([`Synced::remote_epoch`]): the cache's copy is
+    /// trimmed (in a persistent cache the zeros are real in the data file: a punched hole) and
+    /// only then marked local, like a fetch that brought zeros. Nothing happens, and `false` is
+    /// returned, if the chunk is local already (a write or a fetch got there first) or chunks
+    /// were marked remote since `epoch` (the answer may predate the remote's newer data).
+    pub async fn install_zeros(&self, chunk: u64, epoch: u64) -> Result<bool> {
+        if chunk >= self.layout.chunk_count() || self.local_chunks.get(chunk) {
+            return Ok(false);
+        }
+        let _guard = self.locks.lock(chunk).await;
+        // Checked under the chunk lock: `mark_remote` bumps the epoch before it takes the locks,
+        // so either it is seen here, or the chunk is marked remote after this install.
+        if self.local_chunks.get(chunk) || self.remote_epoch.load(Ordering::Acquire) != epoch {
+            return Ok(false);
+        }
+        let range = self.layout.chunk_range(chunk);
+        self.local.trim(range.start, range.end - range.start).await?;
+        self.local_chunks.set(chunk);
+        self.holes.fetch_add(1, Ordering::Relaxed);
+        if let Some(hook) = &self.on_local {
+            hook(chunk);
+        }
+        Ok(true)
+    }
+
     /// Marks chunks as remote again, so the next read re-fetches them (used by a migration
     /// destination for chunks the source wrote after sending them). Chunks past the end are
     /// ignored.
     pub async fn mark_remote(&self, chunks: &[u64]) {
+        self.remote_epoch.fetch_add(1, Ordering::AcqRel);
         for &chunk in chunks.iter().filter(|&&c| c < self.layout.chunk_count()) {
             let _guard = self.locks.lock(chunk).await;
             self.local_chunks.clear(chunk);
@@ -274,6 +324,59 @@ impl Backend for Synced {
         self.mark_range_local(offset, len);
         Ok(())
     }
+
+    /// The extents of the first run of chunks that are all local (asked of the cache) or all
+    /// remote (asked of the remote), cut to the range. A remote answer is cut again before the
+    /// first chunk that became local while it was asked: that chunk's data is in the cache now.
+    async fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        check_range(offset, len, self.layout.size())?;
+        let end = offset + len;
+        for _ in 0..RACING_TRIES {
+            let chunks = self.layout.chunks_touching(offset, len);
+            let local = self.local_chunks.get(chunks.start);
+            let run_end = chunks
+                .clone()
+                .find(|&c| self.local_chunks.get(c) != local)
+                .map_or(end, |c| self.layout.chunk_range(c).start);
+            if local {
+                return self.local.extents(offset, run_end - offset).await;
+            }
+            let answer = self.remote.extents(offset, run_end - offset).await?;
+            let answered = offset + answer.iter().map(|e| e.len).sum::<u64>().min(run_end - offset);
+            let now_local = self
+                .layout
+                .chunks_touching(offset, answered - offset)
+                .find(|&c| self.local_chunks.get(c))
+                .map(|c| self.layout.chunk_range(c).start.max(offset));
+            match now_local {
+                None => return Ok(answer),
+                Some(cut) if cut > offset => return Ok(cut_extents(answer, cut - offset)),
+                Some(_) => continue, // the first chunk became local: ask again
+            }
+        }
+        // Chunks keep changing under the question: "data" is always a correct answer.
+        Ok(vec![Extent::data(
+            (self.layout.chunk_range(self.layout.chunk_of(offset)).end).min(end) - offset,
+        )])
+    }
+}
+
+/// How often [`Synced::extents`] asks again when its first chunk turned local meanwhile.
+const RACING_TRIES: usize = 4;
+
+/// The first `len` bytes of `extents` (`len` > 0 and at most their total).
+fn cut_extents(extents: Vec<Extent>, len: u64) -> Vec<Extent> {
+    let mut left = len;
+    let mut cut = Vec::new();
+    for mut extent in extents {
+        if left == 0 {
+            break;
+        }
+        extent.len = extent.len.min(left);
+        left -= extent.len;
+        cut.push(extent);
+    }
+    cut
 }
 
 #[async_trait]
