@@ -6,7 +6,8 @@ use std::sync::Arc;
 
 use r3map_core::stages::synced::ChunkHook;
 use r3map_core::stages::{
-    Arbitrary, PullProgress, PullTarget, Puller, PullerOptions, PushState, Pusher, PusherOptions, Synced,
+    sparse, Arbitrary, PullProgress, PullTarget, Puller, PullerOptions, PushState, Pusher, PusherOptions,
+    SkipHoles, Synced,
 };
 use r3map_core::{AtomicBitmap, Backend, ChunkLayout, Result, SharedBackend};
 
@@ -29,6 +30,10 @@ pub struct ManagedOptions {
     pub hooks: Hooks,
     /// What a sync of the mounted resource (an application's fsync) waits for.
     pub sync_to: SyncTo,
+    /// The background pull asks the remote where its holes are (64 MiB at a time) and makes
+    /// chunks that lie wholly in a hole local as zeros, without a transfer. On by default;
+    /// remotes that cannot tell (no NBD `base:allocation`, gRPC, stores) are pulled whole.
+    pub skip_holes: bool,
 }
 
 /// What a sync of a managed mount's resource waits for.
@@ -77,6 +82,7 @@ impl Default for ManagedOptions {
             pull_first: false,
             hooks: Hooks::default(),
             sync_to: SyncTo::Remote,
+            skip_holes: true,
         }
     }
 }
@@ -173,7 +179,12 @@ impl ManagedMount {
         )?);
         pusher.set_push_on_sync(options.sync_to == SyncTo::Remote);
         let stack = Arc::new(Arbitrary::new(pusher.clone(), chunk_size)?);
-        let puller = Puller::start(synced.clone() as Arc<dyn PullTarget>, options.puller)?;
+        let target: Arc<dyn PullTarget> = if options.skip_holes {
+            Arc::new(SkipHoles::new(synced.clone(), sparse::DEFAULT_REGION))
+        } else {
+            synced.clone()
+        };
+        let puller = Puller::start(target, options.puller)?;
         let mount = Self {
             stack,
             synced,
@@ -272,6 +283,12 @@ impl ManagedMount {
     pub fn fetched_chunks(&self) -> u64 {
         self.synced.fetch_count()
     }
+
+    /// Number of chunks made local as zeros without a transfer, because the remote reported
+    /// them as holes ([`ManagedOptions::skip_holes`]).
+    pub fn skipped_chunks(&self) -> u64 {
+        self.synced.hole_count()
+    }
 }
 
 /// A mount's counters, readable while the mount exists (`None` after it is dropped).
@@ -293,6 +310,11 @@ impl StatsReader {
     /// Chunks fetched from the remote so far (see [`ManagedMount::fetched_chunks`]).
     pub fn fetched_chunks(&self) -> Option<u64> {
         Some(self.synced.upgrade()?.fetch_count())
+    }
+
+    /// Chunks skipped as holes so far (see [`ManagedMount::skipped_chunks`]).
+    pub fn skipped_chunks(&self) -> Option<u64> {
+        Some(self.synced.upgrade()?.hole_count())
     }
 }
 

@@ -40,6 +40,9 @@ pub struct Figures {
     pub answer_bytes: u64,
     pub pulled_seconds: f64,
     pub pulled_bytes: u64,
+    /// Chunks the pull fetched, and chunks it skipped as holes of the image (as the mount says).
+    pub fetched_chunks: u64,
+    pub skipped_chunks: u64,
     /// (seconds since the mount started, bytes fetched) every 10 ms.
     pub trace: Vec<(f64, u64)>,
 }
@@ -51,7 +54,7 @@ impl Figures {
 
     pub fn print(&self, case: &str) {
         println!(
-            "figure case={case} order={} size={} mounted_seconds={:.3} answer_seconds={:.3} answer_bytes={} answer_fraction={:.4} pulled_seconds={:.3} pulled_bytes={}",
+            "figure case={case} order={} size={} mounted_seconds={:.3} answer_seconds={:.3} answer_bytes={} answer_fraction={:.4} pulled_seconds={:.3} pulled_bytes={} fetched_chunks={} skipped_chunks={}",
             self.order,
             self.size,
             self.mounted_seconds,
@@ -59,7 +62,9 @@ impl Figures {
             self.answer_bytes,
             self.answer_fraction(),
             self.pulled_seconds,
-            self.pulled_bytes
+            self.pulled_bytes,
+            self.fetched_chunks,
+            self.skipped_chunks
         );
     }
 }
@@ -126,8 +131,9 @@ impl Stream<'_> {
             !mount.has_said("pulled:"),
             "the background pull finished before the reader answered: the link is too fast for this to show anything"
         );
-        mount.wait_for("pulled:", LONG)?;
+        let pulled = mount.wait_for("pulled:", LONG)?;
         let (pulled_seconds, pulled_bytes) = (started.elapsed().as_secs_f64(), proxy.bytes_downstream());
+        let (fetched_chunks, skipped_chunks) = pull_counts(&pulled)?;
         sampling.store(false, Ordering::Relaxed);
         let trace = sampler.join().unwrap_or_default();
         mount.terminate(LONG)?;
@@ -140,6 +146,8 @@ impl Stream<'_> {
             answer_bytes,
             pulled_seconds,
             pulled_bytes,
+            fetched_chunks,
+            skipped_chunks,
             trace,
         })
     }
@@ -151,6 +159,25 @@ impl Stream<'_> {
             "sequential"
         }
     }
+}
+
+/// The counts in the mount's `pulled: … (N fetched from the remote, M skipped as holes)` line.
+fn pull_counts(line: &str) -> Result<(u64, u64)> {
+    let count = |needle: &str| -> Result<u64> {
+        let before = line
+            .split(needle)
+            .next()
+            .filter(|head| head.len() < line.len())
+            .ok_or_else(|| anyhow::anyhow!("no {needle:?} in {line:?}"))?;
+        let number = before
+            .rsplit(['(', ' '])
+            .find(|w| !w.is_empty())
+            .unwrap_or_default();
+        number
+            .parse()
+            .map_err(|_| anyhow::anyhow!("no count before {needle:?} in {line:?}"))
+    };
+    Ok((count(" fetched from the remote")?, count(" skipped as holes")?))
 }
 
 /// Writes the traces of runs as CSV `case,order,seconds,bytes,event`: samples have no event;

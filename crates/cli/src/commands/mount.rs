@@ -76,6 +76,11 @@ pub struct Args {
     /// Pull everything before the mount appears (managed)
     #[arg(long)]
     pull_first: bool,
+    /// Fetch the remote's holes too (managed). By default the background pull asks the remote
+    /// where its holes are (NBD base:allocation) and makes chunks that lie wholly in one local
+    /// zeros without a transfer
+    #[arg(long)]
+    pull_holes: bool,
     /// What an fsync waits for (managed): remote (the remote holds the writes), or cache (the
     /// --cache directory holds them durably and the background push takes them to the remote
     /// when it can: reads of local chunks and writes go on while the remote is away)
@@ -361,6 +366,7 @@ async fn open_managed(args: &Args, uri: &str, remote: SharedBackend, size: u64) 
             interval: args.push_interval,
         },
         pull_first: args.pull_first,
+        skip_holes: !args.pull_holes,
         sync_to: match (args.sync_to, &args.cache) {
             (SyncTarget::Remote, _) => SyncTo::Remote,
             (SyncTarget::Cache, Some(_)) => SyncTo::Cache,
@@ -385,10 +391,11 @@ async fn show_pull_progress(mount: &ManagedMount) {
     crate::progress::follow_pull(mount).await;
     match mount.wait_pulled().await {
         Ok(()) => eprintln!(
-            "pulled: {} local after {:.2} s ({} fetched from the remote)",
+            "pulled: {} local after {:.2} s ({} fetched from the remote, {} skipped as holes)",
             format_bytes(mount.stats().local_bytes),
             started.elapsed().as_secs_f64(),
-            mount.fetched_chunks()
+            mount.fetched_chunks(),
+            mount.skipped_chunks()
         ),
         Err(err) => {
             eprintln!("background pull stopped: {err}; reads of missing chunks still fetch on demand")

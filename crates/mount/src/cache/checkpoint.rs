@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use r3map_core::mapped::MappedFile;
-use r3map_core::{AtomicBitmap, Backend, Result, SharedBackend};
+use r3map_core::{AtomicBitmap, Backend, Extent, Result, SharedBackend};
 
 /// The data file of a persistent cache, checkpointing on every sync.
 pub struct Checkpointed {
@@ -68,5 +68,8 @@ impl Backend for Checkpointed {
     }
     async fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
         self.data.write_zeroes(offset, len).await
+    }
+    async fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        self.data.extents(offset, len).await
     }
 }
