@@ -334,15 +334,22 @@ impl Backend for Synced {
         for _ in 0..RACING_TRIES {
             let chunks = self.layout.chunks_touching(offset, len);
             let local = self.local_chunks.get(chunks.start);
-            let run_end = chunks
-                .clone()
+            // From the second chunk on: the first one may turn local after it was looked at,
+            // and the run must not end before it starts.
+            let run_end = (chunks.start + 1..chunks.end)
                 .find(|&c| self.local_chunks.get(c) != local)
                 .map_or(end, |c| self.layout.chunk_range(c).start);
             if local {
                 return self.local.extents(offset, run_end - offset).await;
             }
             let answer = self.remote.extents(offset, run_end - offset).await?;
-            let answered = offset + answer.iter().map(|e| e.len).sum::<u64>().min(run_end - offset);
+            // A remote answer is cut to the run (one that says nothing is data).
+            let answered = answer.iter().map(|e| e.len).sum::<u64>().min(run_end - offset);
+            let answer = match answered {
+                0 => vec![Extent::data(run_end - offset)],
+                _ => cut_extents(answer, answered),
+            };
+            let answered = offset + answered.max(1);
             let now_local = self
                 .layout
                 .chunks_touching(offset, answered - offset)
@@ -364,13 +371,17 @@ impl Backend for Synced {
 /// How often [`Synced::extents`] asks again when its first chunk turned local meanwhile.
 const RACING_TRIES: usize = 4;
 
-/// The first `len` bytes of `extents` (`len` > 0 and at most their total).
+/// The first `len` bytes of `extents` (`len` > 0 and at most their total), without empty
+/// extents.
 fn cut_extents(extents: Vec<Extent>, len: u64) -> Vec<Extent> {
     let mut left = len;
     let mut cut = Vec::new();
     for mut extent in extents {
         if left == 0 {
             break;
+        }
+        if extent.len == 0 {
+            continue;
         }
         extent.len = extent.len.min(left);
         left -= extent.len;
