@@ -8,7 +8,9 @@
 //! server (in this process) and `nbdkit` (`memory` / `file` plugin), then times
 //! `nbdcopy SOURCE URI` (write) and `nbdcopy URI null:` (read) of SIZE MiB of random data,
 //! alternating between the two servers, keeping the best of RUNS, and prints a markdown table with the ratio ours/nbdkit (higher is
-//! better for us). Needs `nbdkit` and `nbdcopy` (Debian: nbdkit, libnbd-bin).
+//! better for us), and the CPU time each server process spent per GiB over all runs (with its
+//! ratio nbdkit/ours: the figure a loaded machine disturbs least). Needs `nbdkit` and `nbdcopy`
+//! (Debian: nbdkit, libnbd-bin).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -46,20 +48,39 @@ fn nbdcopy(args: &[&str]) -> Duration {
     start.elapsed()
 }
 
-/// Best (write, read) times over `runs` for each URI. The servers take turns within every
-/// run, so a burst of load on the machine hits both rather than one, and which one goes first
-/// alternates between runs (the one after the other may find the page cache or the CPU
-/// caches in a different state).
-fn measure(uris: [&str; 2], source: &Path, runs: usize) -> [(Duration, Duration); 2] {
+/// CPU time (user + system, all threads, live and exited) process `pid` has used so far, from
+/// `/proc/PID/stat` (in USER_HZ ticks, 100 a second on Linux).
+fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("/proc/PID/stat");
+    // Fields after the command name (which is in parentheses and may hold spaces): state is
+    // field 3, utime 14 and stime 15.
+    let rest = &stat[stat.rfind(')').expect("comm") + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    Duration::from_millis(ticks * 10)
+}
+
+/// Per server: best (write, read) times over `runs`, and the CPU time the server process
+/// (`pids`) used over all runs of each direction. The servers take turns within every run, so a
+/// burst of load on the machine hits both rather than one, and which one goes first alternates
+/// between runs (the one after the other may find the page cache or the CPU caches in a
+/// different state). CPU time is the figure a loaded machine disturbs least: it is what the
+/// server spends, whatever share of the CPUs the scheduler gives it.
+fn measure(uris: [&str; 2], pids: [u32; 2], source: &Path, runs: usize) -> [[(Duration, Duration); 2]; 2] {
     let source = source.to_str().unwrap();
-    let mut best = [(Duration::MAX, Duration::MAX); 2];
+    let mut best = [[(Duration::MAX, Duration::ZERO); 2]; 2];
+    let timed = |slot: &mut (Duration, Duration), pid: u32, args: &[&str]| {
+        let before = cpu_time(pid);
+        slot.0 = slot.0.min(nbdcopy(args));
+        slot.1 += cpu_time(pid) - before;
+    };
     for run in 0..runs {
         let order = if run % 2 == 0 { [0, 1] } else { [1, 0] };
         for i in order {
-            best[i].0 = best[i].0.min(nbdcopy(&[source, uris[i]]));
+            timed(&mut best[i][0], pids[i], &[source, uris[i]]);
         }
         for i in order {
-            best[i].1 = best[i].1.min(nbdcopy(&[uris[i], "null:"]));
+            timed(&mut best[i][1], pids[i], &[uris[i], "null:"]);
         }
     }
     best
@@ -162,8 +183,8 @@ fn main() {
             out.write_all(&block).unwrap();
         }
     }
-    println!("| backend | transport | direction | r3map MiB/s | nbdkit MiB/s | ratio |");
-    println!("|---|---|---|---:|---:|---:|");
+    println!("| backend | transport | direction | r3map MiB/s | nbdkit MiB/s | ratio | r3map CPU ms/GiB | nbdkit CPU ms/GiB | CPU ratio |");
+    println!("|---|---|---|---:|---:|---:|---:|---:|---:|");
     for kind in [Kind::Memory, Kind::File] {
         for net in [Net::Tcp, Net::Unix] {
             // Ours.
@@ -185,18 +206,26 @@ fn main() {
                 let _ = stopped.await;
             }));
             let (kit, kit_uri) = start_nbdkit(kind, net, size, dir.path());
-            let [ours, theirs] = measure([&uri, &kit_uri], &source, runs);
+            let pids = [std::process::id(), kit.0.id()];
+            let [ours, theirs] = measure([&uri, &kit_uri], pids, &source, runs);
             drop(kit);
             let _ = stop.send(());
             runtime.block_on(task).unwrap().unwrap();
             let kind_name = if kind == Kind::Memory { "memory" } else { "file" };
             let net_name = if net == Net::Tcp { "TCP" } else { "UNIX" };
-            for (direction, ours, theirs) in [("write", ours.0, theirs.0), ("read", ours.1, theirs.1)] {
+            // CPU per GiB copied, over all runs.
+            let per_gib = |cpu: Duration| {
+                cpu.as_secs_f64() * 1000.0 / (runs as f64 * size as f64 / (1u64 << 30) as f64)
+            };
+            for (direction, ours, theirs) in [("write", ours[0], theirs[0]), ("read", ours[1], theirs[1])] {
                 println!(
-                    "| {kind_name} | {net_name} | {direction} | {:.0} | {:.0} | {:.2} |",
-                    mib_s(size, ours),
-                    mib_s(size, theirs),
-                    theirs.as_secs_f64() / ours.as_secs_f64()
+                    "| {kind_name} | {net_name} | {direction} | {:.0} | {:.0} | {:.2} | {:.0} | {:.0} | {:.2} |",
+                    mib_s(size, ours.0),
+                    mib_s(size, theirs.0),
+                    theirs.0.as_secs_f64() / ours.0.as_secs_f64(),
+                    per_gib(ours.1),
+                    per_gib(theirs.1),
+                    theirs.1.as_secs_f64() / ours.1.as_secs_f64().max(1e-9)
                 );
             }
             let _ = std::fs::remove_file(dir.path().join("ours.img"));
