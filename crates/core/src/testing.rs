@@ -327,6 +327,9 @@ pub use skip::skip;
 /// The path of example `name` of the package at `manifest_dir`, built next to the running test
 /// binary. `cargo test` and `cargo nextest` build examples already; when only one test target
 /// was built, this builds the example the same way (same target directory and profile).
+/// Under nextest (which holds no cargo lock while tests run) the build always runs, so a binary
+/// older than its sources is never used; under `cargo test`, which holds the lock, only a
+/// missing binary is built (a cargo inside would wait for the lock forever).
 /// Call as `example_binary(env!("CARGO"), env!("CARGO_MANIFEST_DIR"), "name")`.
 pub fn example_binary(cargo: &str, manifest_dir: &str, name: &str) -> std::path::PathBuf {
     let exe = std::env::current_exe().expect("the test binary's path");
@@ -336,7 +339,7 @@ pub fn example_binary(cargo: &str, manifest_dir: &str, name: &str) -> std::path:
         .and_then(|deps| deps.parent())
         .expect("target/<profile>/deps");
     let binary = profile_dir.join("examples").join(name);
-    if !binary.exists() {
+    if !binary.exists() || std::env::var_os("NEXTEST").is_some() {
         let mut build = std::process::Command::new(cargo);
         build
             .args(["build", "--example", name, "--manifest-path"])
