@@ -208,6 +208,10 @@ impl Backend for DirectoryBackend {
         self.layout.size()
     }
 
+    fn read_alignment(&self) -> Option<u64> {
+        Some(1)
+    }
+
     async fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         check_range(offset, buf.len() as u64, self.layout.size())?;
         for piece in self.pieces(offset, buf.len() as u64) {

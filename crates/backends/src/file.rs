@@ -120,6 +120,13 @@ impl Backend for FileBackend {
         self.size
     }
 
+    fn read_alignment(&self) -> Option<u64> {
+        Some(match self.direct {
+            Some(_) => crate::direct::DIRECT_IO_ALIGNMENT,
+            None => 1,
+        })
+    }
+
     async fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         self.check(offset, buf.len() as u64)?;
         match &self.direct {

@@ -95,6 +95,17 @@ pub trait Backend: Send + Sync + 'static {
         check_range(offset, len, self.size())?;
         Ok(vec![Extent::data(len)])
     }
+
+    /// The smallest read this backend serves well: a read whose offset and length are multiples
+    /// of it (or that ends at [`Backend::size`]) is accepted and costs about the bytes it asks
+    /// for, so a stage in front may pass such a read through instead of reading whole chunks
+    /// (an NBD server's preferred block size; 1 for memory). `None`, the default: not known, or
+    /// only whole chunks are accepted; stages in front then read whole chunks of their own
+    /// layout. Stages that wrap a backend forward the question or answer for themselves.
+    fn read_alignment(&self) -> Option<u64> {
+        None
+    }
+
     /// Drops this backend's connection to a remote at once: requests in flight fail, nothing
     /// more is sent, and the peer sees the connection reset, not an orderly close after the
     /// data still queued. The reconnect stage calls it on every connection it gives up, so a
@@ -128,6 +139,9 @@ impl<B: Backend + ?Sized> Backend for Arc<B> {
     }
     async fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
         (**self).extents(offset, len).await
+    }
+    fn read_alignment(&self) -> Option<u64> {
+        (**self).read_alignment()
     }
     fn abort_connection(&self) {
         (**self).abort_connection()

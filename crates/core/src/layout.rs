@@ -83,6 +83,25 @@ impl ChunkLayout {
     }
 }
 
+impl ChunkLayout {
+    /// The whole chunks around `len > 0` bytes at `offset`: from the start of the first chunk
+    /// touched to the end of the last (clipped to the size).
+    pub fn covering(&self, offset: u64, len: u64) -> Range<u64> {
+        let chunks = self.chunks_touching(offset, len);
+        self.chunk_range(chunks.start).start..self.chunk_range(chunks.end - 1).end
+    }
+}
+
+/// The unit in which a stage with chunks of `chunk_size` reads from a backend whose
+/// [`read_alignment`](crate::Backend::read_alignment) is `alignment`: the alignment when it is
+/// smaller than a chunk and divides it, otherwise the whole chunk.
+pub fn read_unit(alignment: Option<u64>, chunk_size: u64) -> u64 {
+    match alignment {
+        Some(a) if a > 0 && a < chunk_size && chunk_size.is_multiple_of(a) => a,
+        _ => chunk_size,
+    }
+}
+
 /// Fails with `OutOfBounds` unless `offset..offset+len` lies within `size` bytes (overflow-safe).
 pub fn check_range(offset: u64, len: u64, size: u64) -> Result<()> {
     match offset.checked_add(len) {
@@ -105,6 +124,18 @@ mod tests {
         assert!(!layout.is_aligned(8, 1));
         assert_eq!(layout.chunks_touching(3, 6), 0..3);
         assert_eq!(layout.chunks_touching(4, 4), 1..2);
+        assert_eq!(layout.covering(5, 4), 4..10);
+        assert_eq!(layout.covering(4, 1), 4..8);
+    }
+
+    #[test]
+    fn read_unit_is_a_divisor_of_the_chunk_or_the_chunk() {
+        assert_eq!(read_unit(Some(4096), 1 << 20), 4096);
+        assert_eq!(read_unit(Some(1), 64), 1);
+        assert_eq!(read_unit(None, 64), 64);
+        assert_eq!(read_unit(Some(0), 64), 64);
+        assert_eq!(read_unit(Some(128), 64), 64, "larger than a chunk");
+        assert_eq!(read_unit(Some(24), 64), 64, "does not divide the chunk");
     }
 
     #[test]

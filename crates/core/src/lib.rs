@@ -27,6 +27,6 @@ pub mod testing;
 pub use backend::{Allocation, Backend, Extent, SharedBackend};
 pub use bitmap::AtomicBitmap;
 pub use error::{Error, Result};
-pub use layout::{check_range, ChunkLayout};
+pub use layout::{check_range, read_unit, ChunkLayout};
 pub use locks::{ChunkGuard, ChunkLocks};
 pub use memory::MemoryBackend;

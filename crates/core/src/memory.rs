@@ -68,6 +68,9 @@ impl Backend for MemoryBackend {
     fn size(&self) -> u64 {
         self.size
     }
+    fn read_alignment(&self) -> Option<u64> {
+        Some(1)
+    }
 
     async fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         check_range(offset, buf.len() as u64, self.size)?;

@@ -295,6 +295,9 @@ impl Backend for FaultyBackend {
     fn size(&self) -> u64 {
         self.inner.size()
     }
+    fn read_alignment(&self) -> Option<u64> {
+        self.inner.read_alignment()
+    }
     async fn read_at(&self, offset: u64, buf: &mut [u8]) -> crate::Result<()> {
         use std::sync::atomic::Ordering::SeqCst;
         self.reads.fetch_add(1, SeqCst);

@@ -55,6 +55,9 @@ impl<B: Backend> Backend for Metered<B> {
     fn size(&self) -> u64 {
         self.inner.size()
     }
+    fn read_alignment(&self) -> Option<u64> {
+        self.inner.read_alignment()
+    }
     async fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         let len = buf.len() as u64;
         self.count(Op::read, len, self.inner.read_at(offset, buf)).await

@@ -7,7 +7,9 @@ use r3map_core::{Backend, Error, Result};
 
 use crate::link::SeederLink;
 
-/// Reads go to the seeder; the leecher never writes to it.
+/// Reads go to the seeder; the leecher never writes to it. It names no read unit
+/// ([`Backend::read_alignment`] is `None`), so the leecher's cache fetches whole chunks and
+/// does not read ranges first: a migration moves chunks.
 pub struct LinkBackend {
     link: Arc<dyn SeederLink>,
     size: u64,

@@ -98,6 +98,21 @@ async fn a_64k_minimum_block_is_honoured() {
     assert!(matches!(err, Error::Unaligned { alignment: 65536, .. }), "{err}");
 }
 
+/// The read unit the stages in front use (`Backend::read_alignment`): the preferred block
+/// size, 4096 when the server names none.
+#[tokio::test(start_paused = true)]
+async fn the_read_unit_is_the_preferred_block_size() {
+    for (block_size, unit) in [(None, 4096), (Some((512, 8192, 1 << 20)), 8192)] {
+        let (end, mut server) = HostileServer::pair();
+        let advertised = Advertised {
+            block_size,
+            ..Advertised::default()
+        };
+        let client = connect(&mut server, end, advertised).await;
+        assert_eq!(client.read_alignment(), Some(unit), "{block_size:?}");
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_chunk_offset_near_u64_max_fails_every_pending_request_and_closes() {
     let (end, mut server) = HostileServer::pair();

@@ -117,6 +117,11 @@ impl<S: ChunkStore> Backend for KeyedBackend<S> {
         self.layout.size()
     }
 
+    /// One key or object per chunk: only whole chunks.
+    fn read_alignment(&self) -> Option<u64> {
+        Some(self.layout.chunk_size())
+    }
+
     async fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         self.check(offset, buf.len() as u64)?;
         let chunk_size = self.layout.chunk_size() as usize;

@@ -1,9 +1,13 @@
 //! Arbitrary: accepts any offset and length and turns them into whole-chunk operations on the
-//! inner backend (read-modify-write for partial chunks), atomically per chunk.
+//! inner backend (read-modify-write for partial chunks), atomically per chunk. Reads go to the
+//! inner backend in its own read unit when it has a smaller one than a chunk (see
+//! [`Backend::read_alignment`]): a 4 KiB read of an NBD remote asks for 4 KiB, not a chunk.
+
+use std::ops::Range;
 
 use async_trait::async_trait;
 
-use crate::{check_range, Backend, ChunkGuard, ChunkLayout, ChunkLocks, Extent, Result};
+use crate::{check_range, read_unit, Backend, ChunkGuard, ChunkLayout, ChunkLocks, Extent, Result};
 
 /// Unaligned I/O over a backend that only takes whole chunks.
 ///
@@ -14,14 +18,19 @@ use crate::{check_range, Backend, ChunkGuard, ChunkLayout, ChunkLocks, Extent, R
 pub struct Arbitrary<B> {
     inner: B,
     layout: ChunkLayout,
+    /// Reads reach `inner` aligned to this layout's chunks: a divisor of the chunk size.
+    reads: ChunkLayout,
     locks: ChunkLocks,
 }
 
 impl<B: Backend> Arbitrary<B> {
     /// Wraps `inner`, whose accesses will all be aligned to `chunk_size`.
+    /// Reads are aligned to the inner backend's read unit instead where it divides the chunk.
     pub fn new(inner: B, chunk_size: u64) -> Result<Self> {
+        let unit = read_unit(inner.read_alignment(), chunk_size);
         Ok(Self {
             layout: ChunkLayout::new(inner.size(), chunk_size)?,
+            reads: ChunkLayout::new(inner.size(), unit)?,
             inner,
             locks: ChunkLocks::new(),
         })
@@ -30,14 +39,6 @@ impl<B: Backend> Arbitrary<B> {
     /// The wrapped backend.
     pub fn inner(&self) -> &B {
         &self.inner
-    }
-
-    /// The byte range covering whole chunks around `offset..offset+len`.
-    fn covering(&self, offset: u64, len: u64) -> (u64, u64) {
-        let chunks = self.layout.chunks_touching(offset, len);
-        let start = self.layout.chunk_range(chunks.start).start;
-        let end = self.layout.chunk_range(chunks.end - 1).end;
-        (start, end)
     }
 
     async fn lock_all(&self, offset: u64, len: u64) -> Vec<ChunkGuard<'_>> {
@@ -55,7 +56,7 @@ impl<B: Backend> Arbitrary<B> {
         if self.layout.is_aligned(offset, len) {
             return self.inner.write_at(offset, data).await;
         }
-        let (start, end) = self.covering(offset, len);
+        let Range { start, end } = self.layout.covering(offset, len);
         let mut covering = vec![0u8; (end - start) as usize];
         let head = (offset - start) as usize;
         let tail = (end - (offset + len)) as usize;
@@ -82,16 +83,21 @@ impl<B: Backend> Backend for Arbitrary<B> {
         self.layout.size()
     }
 
+    /// Any read is accepted; reads in the inner backend's unit pass without copies.
+    fn read_alignment(&self) -> Option<u64> {
+        Some(self.reads.chunk_size())
+    }
+
     async fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         let len = buf.len() as u64;
         check_range(offset, len, self.layout.size())?;
         if len == 0 {
             return Ok(());
         }
-        if self.layout.is_aligned(offset, len) {
+        if self.reads.is_aligned(offset, len) {
             return self.inner.read_at(offset, buf).await;
         }
-        let (start, end) = self.covering(offset, len);
+        let Range { start, end } = self.reads.covering(offset, len);
         let mut covering = vec![0u8; (end - start) as usize];
         self.inner.read_at(start, &mut covering).await?;
         let head = (offset - start) as usize;
@@ -188,6 +194,41 @@ mod tests {
         fn unaligned_workload_matches_model(chunks in 1u64..30, tail in 0u64..16, ops in testing::ops_strategy(200, 40)) {
             testing::block_on(testing::check_against_model(&stack(chunks * 16 + tail, 16), 1, &ops))?;
         }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        /// An inner backend with a smaller read unit (16 in 64-byte chunks) is read in that
+        /// unit, writes still in whole chunks (Chunked proves both).
+        #[test]
+        fn reads_in_the_inner_read_unit_match_model(chunks in 1u64..12, tail in 0u64..16, ops in testing::ops_strategy(200, 40)) {
+            let size = chunks * 64 + tail;
+            let inner = Chunked::new(MemoryBackend::new(size), 16, u64::MAX).unwrap();
+            let backend = super::Arbitrary::new(inner, 64).unwrap();
+            prop_assert_eq!(backend.read_alignment(), Some(16));
+            testing::block_on(testing::check_against_model(&backend, 1, &ops))?;
+        }
+    }
+
+    /// Chunked lets through only aligned 4 KiB requests: a read of 100 bytes in a 1 MiB chunk
+    /// fails unless it reaches the inner backend as one 4 KiB read.
+    #[test]
+    fn a_small_read_asks_the_inner_backend_for_its_unit_only() {
+        testing::block_on(async {
+            let size = 3 << 20;
+            let content = testing::pattern(9, size as usize);
+            let memory = MemoryBackend::new(size);
+            memory.write_at(0, &content).await.unwrap();
+            let inner = Chunked::new(memory, 4096, 4096).unwrap();
+            let backend = super::Arbitrary::new(inner, 1 << 20).unwrap();
+            assert_eq!(backend.read_alignment(), Some(4096));
+            let mut buf = [0u8; 100];
+            backend.read_at((1 << 20) + 5000, &mut buf).await.unwrap();
+            assert_eq!(buf[..], content[(1 << 20) + 5000..(1 << 20) + 5100]);
+            // Memory reads any range: reads pass as they come.
+            let whole = super::Arbitrary::new(MemoryBackend::new(size), 1 << 20).unwrap();
+            assert_eq!(whole.read_alignment(), Some(1));
+        });
     }
 
     #[test]

@@ -47,6 +47,10 @@ impl<B: Backend> Backend for Chunked<B> {
     fn size(&self) -> u64 {
         self.layout.size()
     }
+    /// Whole chunks are what passes.
+    fn read_alignment(&self) -> Option<u64> {
+        Some(self.layout.chunk_size())
+    }
     async fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         self.check(offset, buf.len() as u64)?;
         self.inner.read_at(offset, buf).await

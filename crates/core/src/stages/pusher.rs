@@ -315,6 +315,9 @@ impl Backend for Pusher {
     fn size(&self) -> u64 {
         self.shared.layout.size()
     }
+    fn read_alignment(&self) -> Option<u64> {
+        self.shared.inner.read_alignment()
+    }
 
     async fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         self.shared.inner.read_at(offset, buf).await

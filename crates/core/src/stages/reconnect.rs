@@ -83,6 +83,8 @@ struct Shared {
 pub struct Reconnecting {
     shared: Arc<Shared>,
     size: u64,
+    /// The first connection's read alignment (a server that comes back is the same server).
+    read_alignment: Option<u64>,
 }
 
 impl Reconnecting {
@@ -100,6 +102,7 @@ impl Reconnecting {
     ) -> Result<Self> {
         let backend = connector().await?;
         let size = backend.size();
+        let read_alignment = backend.read_alignment();
         let (link, _) = watch::channel(Link::Up {
             generation: 0,
             backend,
@@ -113,6 +116,7 @@ impl Reconnecting {
                 link,
             }),
             size,
+            read_alignment,
         })
     }
 
@@ -306,6 +310,9 @@ impl Shared {
 impl Backend for Reconnecting {
     fn size(&self) -> u64 {
         self.size
+    }
+    fn read_alignment(&self) -> Option<u64> {
+        self.read_alignment
     }
     async fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         retried!(self, write: false, |backend| backend.read_at(offset, buf))

@@ -68,6 +68,9 @@ impl<B: Backend> Backend for Tracker<B> {
     fn size(&self) -> u64 {
         self.layout.size()
     }
+    fn read_alignment(&self) -> Option<u64> {
+        self.inner.read_alignment()
+    }
     async fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         self.inner.read_at(offset, buf).await
     }

@@ -344,6 +344,9 @@ impl<B: Backend> Backend for Yielding<B> {
     fn size(&self) -> u64 {
         self.inner.size()
     }
+    fn read_alignment(&self) -> Option<u64> {
+        self.inner.read_alignment()
+    }
     async fn read_at(&self, offset: u64, buf: &mut [u8]) -> crate::Result<()> {
         self.pause().await;
         let result = self.inner.read_at(offset, buf).await;

@@ -158,6 +158,10 @@ impl Backend for GrpcBackend {
         self.size
     }
 
+    fn read_alignment(&self) -> Option<u64> {
+        Some(1)
+    }
+
     async fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         check_range(offset, buf.len() as u64, self.size)?;
         let ranges = pieces(offset, buf.len() as u64, self.piece);

@@ -54,6 +54,9 @@ impl Backend for Checkpointed {
     fn size(&self) -> u64 {
         self.data.size()
     }
+    fn read_alignment(&self) -> Option<u64> {
+        self.data.read_alignment()
+    }
     async fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         self.data.read_at(offset, buf).await
     }

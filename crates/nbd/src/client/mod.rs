@@ -455,6 +455,13 @@ impl Backend for Client {
         self.info.size
     }
 
+    /// The server's preferred block size (4096 when it names none), never below its minimum.
+    fn read_alignment(&self) -> Option<u64> {
+        Some(u64::from(
+            self.info.preferred_block.max(self.info.min_block).max(1),
+        ))
+    }
+
     async fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         self.check(offset, buf.len() as u64, false)?;
         let piece = self.piece_len();
