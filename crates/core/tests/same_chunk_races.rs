@@ -83,16 +83,23 @@ fn arbitrary_races_with_unaligned_ranges() {
 /// A remote holding pseudo-random content (behind Chunked: only whole chunks reach it), and a
 /// synced stage over it with an empty local cache.
 async fn synced(seed: u64) -> (Arc<Synced>, SharedBackend, Vec<u8>) {
+    synced_with_remote_unit(seed, CHUNK).await
+}
+
+/// A quarter of a chunk: the remote's read unit in the range-first races.
+const RANGE_UNIT: u64 = CHUNK / 4;
+
+/// Like [`synced`], with a remote that takes requests aligned to `unit` (Chunked proves it): a
+/// unit smaller than a chunk turns on reading the requested range first.
+async fn synced_with_remote_unit(seed: u64, unit: u64) -> (Arc<Synced>, SharedBackend, Vec<u8>) {
     let content = pattern(seed + 100, SIZE as usize);
     let remote = MemoryBackend::new(SIZE);
     remote.write_at(0, &content).await.unwrap();
-    let remote: SharedBackend = Arc::new(Chunked::new(Yielding::new(remote), CHUNK, u64::MAX).unwrap());
+    let remote: SharedBackend = Arc::new(Chunked::new(Yielding::new(remote), unit, u64::MAX).unwrap());
     let local: SharedBackend = Arc::new(Yielding::new(MemoryBackend::new(SIZE)));
-    (
-        Arc::new(Synced::new(local, remote.clone(), CHUNK).unwrap()),
-        remote,
-        content,
-    )
+    let synced = Arc::new(Synced::new(local, remote.clone(), CHUNK).unwrap());
+    assert_eq!(synced.range_first(), unit < CHUNK);
+    (synced, remote, content)
 }
 
 fn chunk_count() -> u64 {
@@ -134,6 +141,53 @@ fn synced_races_with_unaligned_ranges_and_fetches() {
     });
 }
 
+/// Critical word first: reads of parts of chunks not yet local are answered from range reads of
+/// the remote while background fills, pulls and writes (read-modify-writes through Arbitrary)
+/// race on the same chunks. No fill may overwrite a write, and no read may see anything but a
+/// linearisable value.
+#[test]
+fn synced_range_first_races_reads_writes_fills_and_pulls() {
+    let range_reads = &AtomicU64::new(0);
+    rounds(|seed| async move {
+        let (synced, remote, content) = synced_with_remote_unit(seed, RANGE_UNIT).await;
+        let pull = pull_racer(&synced);
+        let backend = Arc::new(Arbitrary::new(synced.clone(), CHUNK).unwrap());
+        check_races(backend, &content, options(1, seed), vec![pull])
+            .await
+            .unwrap();
+        range_reads.fetch_add(synced.range_read_count(), Ordering::Relaxed);
+        let mut on_remote = vec![0; SIZE as usize];
+        remote.read_at(0, &mut on_remote).await.unwrap();
+        assert_eq!(on_remote, content, "the synced stage alone wrote to the remote");
+    });
+    assert_range_first_ran(range_reads);
+}
+
+/// The same without a pull: only the fills started by range reads make chunks local (and the
+/// writes), so the fills themselves race the reads and writes.
+#[test]
+fn synced_range_first_races_reads_writes_and_fills_alone() {
+    let range_reads = &AtomicU64::new(0);
+    rounds(|seed| async move {
+        let (synced, _, content) = synced_with_remote_unit(seed, RANGE_UNIT).await;
+        let backend = Arc::new(Arbitrary::new(synced.clone(), CHUNK).unwrap());
+        check_races(backend, &content, options(1, seed), vec![])
+            .await
+            .unwrap();
+        range_reads.fetch_add(synced.range_read_count(), Ordering::Relaxed);
+    });
+    assert_range_first_ran(range_reads);
+}
+
+/// Whether a round reads part of a chunk before a whole-chunk read or a write makes it local
+/// is up to the schedule; over all rounds some must have.
+fn assert_range_first_ran(range_reads: &AtomicU64) {
+    assert!(
+        range_reads.load(Ordering::Relaxed) > 0,
+        "no read went range-first in any round"
+    );
+}
+
 #[test]
 fn puller_races_reads_and_writes() {
     rounds(|seed| async move {
@@ -167,8 +221,19 @@ fn puller_races_reads_and_writes() {
 
 #[test]
 fn pusher_races_reads_writes_pulls_and_pushes() {
-    rounds(|seed| async move {
-        let (synced, remote, content) = synced(seed).await;
+    rounds(|seed| pusher_race(seed, CHUNK));
+}
+
+/// With range reads of the remote racing the pushes to it: a range read of a chunk not local
+/// must never see bytes older than a write that ended before it began.
+#[test]
+fn pusher_races_with_range_first() {
+    rounds(|seed| pusher_race(seed, RANGE_UNIT));
+}
+
+async fn pusher_race(seed: u64, remote_unit: u64) {
+    {
+        let (synced, remote, content) = synced_with_remote_unit(seed, remote_unit).await;
         let pusher = Arc::new(
             Pusher::start(
                 synced.clone(),
@@ -203,7 +268,7 @@ fn pusher_races_reads_writes_pulls_and_pushes() {
         let mut on_remote = vec![0; SIZE as usize];
         remote.read_at(0, &mut on_remote).await.unwrap();
         assert_eq!(on_remote, last, "the remote lost a write that raced a push");
-    });
+    }
 }
 
 #[test]

@@ -255,8 +255,9 @@ impl ManagedMount {
         }
     }
 
-    /// Stops the background pull, then pushes and syncs one last time; returns that sync's
-    /// error (nothing is dropped silently). A persistent cache is closed cleanly even when the
+    /// Stops the background pull and the fills of chunks read in part (waiting for those in
+    /// flight), then pushes and syncs one last time; returns that sync's error (nothing is
+    /// dropped silently). A persistent cache is closed cleanly even when the
     /// push failed: its state records what is still to push, for the next start.
     pub async fn close(self) -> Result<()> {
         if let Some(hook) = &self.hooks.before_close {
@@ -266,6 +267,9 @@ impl ManagedMount {
             hook()?;
         }
         self.puller.stop();
+        // No background fill (critical word first) writes to the cache after the last
+        // checkpoint, or holds the remote open after the mount is closed.
+        self.synced.stop_fills().await;
         let pushed = self.pusher.close().await;
         let closed = match &self.cache {
             Some(cache) => cache.close().await,
@@ -288,6 +292,24 @@ impl ManagedMount {
     /// them as holes ([`ManagedOptions::skip_holes`]).
     pub fn skipped_chunks(&self) -> u64 {
         self.synced.hole_count()
+    }
+
+    /// Number of misses answered from a read of just the requested range of the remote (the
+    /// rest of the chunk is filled right after it; ARCHITECTURE.md, "Critical word first").
+    pub fn range_reads(&self) -> u64 {
+        self.synced.range_read_count()
+    }
+
+    /// Whether chunk `index` is held in the cache (fetched, filled, written, or a remote hole
+    /// installed as zeros).
+    pub fn is_chunk_local(&self, index: u64) -> bool {
+        self.synced.is_local(index)
+    }
+
+    /// Stops the background pull: from now on chunks are fetched only when read (and filled
+    /// after a range read). `wait_pulled` then returns `Closed` unless the pull had finished.
+    pub fn stop_pull(&self) {
+        self.puller.stop();
     }
 }
 
