@@ -152,9 +152,10 @@ fn synced_range_first_races_reads_writes_fills_and_pulls() {
         let (synced, remote, content) = synced_with_remote_unit(seed, RANGE_UNIT).await;
         let pull = pull_racer(&synced);
         let backend = Arc::new(Arbitrary::new(synced.clone(), CHUNK).unwrap());
-        check_races(backend, &content, options(1, seed), vec![pull])
+        let last = check_races(backend.clone(), &content, options(1, seed), vec![pull])
             .await
             .unwrap();
+        assert_no_late_fill(&synced, &*backend, &last).await;
         range_reads.fetch_add(synced.range_read_count(), Ordering::Relaxed);
         let mut on_remote = vec![0; SIZE as usize];
         remote.read_at(0, &mut on_remote).await.unwrap();
@@ -171,12 +172,25 @@ fn synced_range_first_races_reads_writes_and_fills_alone() {
     rounds(|seed| async move {
         let (synced, _, content) = synced_with_remote_unit(seed, RANGE_UNIT).await;
         let backend = Arc::new(Arbitrary::new(synced.clone(), CHUNK).unwrap());
-        check_races(backend, &content, options(1, seed), vec![])
+        let last = check_races(backend.clone(), &content, options(1, seed), vec![])
             .await
             .unwrap();
+        assert_no_late_fill(&synced, &*backend, &last).await;
         range_reads.fetch_add(synced.range_read_count(), Ordering::Relaxed);
     });
     assert_range_first_ran(range_reads);
+}
+
+/// Fills may still run when the racers are done: once they have all ended, the content must
+/// still be what the final read saw (a fill that installed over a write would change it).
+async fn assert_no_late_fill(synced: &Synced, backend: &impl Backend, last: &[u8]) {
+    synced.stop_fills().await;
+    let mut after = vec![0u8; last.len()];
+    backend.read_at(0, &mut after).await.unwrap();
+    assert!(
+        after == last,
+        "a fill that ended after the racers changed the content"
+    );
 }
 
 /// Whether a round reads part of a chunk before a whole-chunk read or a write makes it local

@@ -309,13 +309,23 @@ impl Shared {
     }
 
     async fn fetch_as_leader(&self, chunk: u64, start: u64, buf: &mut [u8]) -> Result<()> {
-        self.fetches.fetch_add(1, Ordering::Relaxed);
-        self.remote.read_at(start, buf).await?;
-        let _guard = self.locks.lock(chunk).await;
-        if self.local_chunks.get(chunk) {
-            // Written while we fetched: the local copy is newer than what we got.
-            return self.local.read_at(start, buf).await;
-        }
+        let _guard = loop {
+            // Taken before the remote read: chunks marked remote after it (the remote has newer
+            // bytes than it may have returned) change the epoch, and the read is repeated.
+            let epoch = self.remote_epoch.load(Ordering::Acquire);
+            self.fetches.fetch_add(1, Ordering::Relaxed);
+            self.remote.read_at(start, buf).await?;
+            let guard = self.locks.lock(chunk).await;
+            if self.local_chunks.get(chunk) {
+                // Written while we fetched: the local copy is newer than what we got.
+                return self.local.read_at(start, buf).await;
+            }
+            // Checked under the chunk lock, as in `install_zeros`: `mark_remote` bumps the
+            // epoch before it takes the locks.
+            if self.remote_epoch.load(Ordering::Acquire) == epoch {
+                break guard;
+            }
+        };
         self.local.write_at(start, buf).await?;
         self.local_chunks.set(chunk);
         if let Some(hook) = &self.on_local {
