@@ -29,8 +29,9 @@ use clap::{Parser, Subcommand};
 ///                                       TLS) or a Go r3map one (give its size); lz4 per chunk
 ///                                       unless compress=false
 ///   redis://[USER@]HOST:PORT/PREFIX?size=SIZE[&chunk=SIZE][&db=N][&layout=go|folder]
-///                                       one key per chunk in Redis (rediss:// for TLS); password
-///                                       from R3MAP_REDIS_PASSWORD or --redis-password-file
+///                                       one key per chunk in Redis (rediss:// for TLS, verified
+///                                       against the system's roots or &tls-ca=PATH, a PEM CA file);
+///                                       password from R3MAP_REDIS_PASSWORD or --redis-password-file
 ///   redis+cluster://H1:P1,H2:P2/PREFIX?size=SIZE[&chunk=SIZE][&layout=go|folder]
 ///                                       the same in a Redis Cluster (rediss+cluster:// for TLS)
 ///   s3://BUCKET/PREFIX?size=SIZE[&endpoint=URL][&chunk=SIZE][&region=R]

@@ -271,3 +271,75 @@ fn a_migration_reads_and_writes_a_store_that_requires_a_password() {
         "the destination prefix does not hold the migrated bytes"
     );
 }
+
+/// `rediss://` to a TLS-only Redis port whose certificate a private CA signed (`r3map cert`):
+/// with `tls-ca=PATH` the store reads and writes chunks byte for byte, in process and through
+/// `r3map mirror`; without the CA (system roots), with another CA, and with plain `redis://` to
+/// the TLS port, `r3map` fails at once, naming the endpoint and the way out.
+#[test]
+fn rediss_verifies_the_server_against_a_private_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let (certs, other) = (dir.path().join("certs"), dir.path().join("other"));
+    for dir in [&certs, &other] {
+        let (ok, _, stderr) = r3map_with_env(&["cert", dir.to_str().unwrap()], &[]);
+        assert!(ok, "r3map cert: {stderr}");
+    }
+    let server = match RedisServer::start_tls(&certs, &[]) {
+        Ok(server) => server,
+        Err(reason) => return skip(&reason),
+    };
+    let ca = certs.join("ca-cert.pem");
+    let options = RedisOptions {
+        tls: true,
+        tls_ca: Some(ca.clone()),
+        ..RedisOptions::standalone(server.address(), "tls")
+    };
+    let before = pattern(5, SIZE as usize);
+    redis_content(&options, SIZE, Some(&before));
+    assert!(
+        redis_content(&options, SIZE, None) == before,
+        "chunks written over TLS do not read back byte for byte"
+    );
+    let address = server.address();
+    let spec = |scheme: &str, query: &str| format!("{scheme}://{address}/tls?size={SIZE}&chunk=64KiB{query}");
+    let checksum = mirror(&spec("rediss", &format!("&tls-ca={}", ca.display())), &[]);
+    assert_store_holds(&redis_content(&options, SIZE, None), checksum, &before);
+
+    let fails = |spec: &str| {
+        let start = std::time::Instant::now();
+        let (ok, _, stderr) = r3map_with_env(&["mirror", "--remote", spec, "--remote-timeout", "10s"], &[]);
+        assert!(!ok, "{spec} must fail");
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "{spec} took {:?} to fail",
+            start.elapsed()
+        );
+        stderr
+    };
+    let endpoint = format!("rediss://{address}");
+    let stderr = fails(&spec("rediss", ""));
+    assert!(
+        stderr.contains(&endpoint)
+            && stderr.contains("system's trusted roots")
+            && stderr.contains("tls-ca=PATH"),
+        "{stderr}"
+    );
+    let wrong = other.join("ca-cert.pem");
+    let stderr = fails(&spec("rediss", &format!("&tls-ca={}", wrong.display())));
+    assert!(
+        stderr.contains(&endpoint)
+            && stderr.contains("not trusted")
+            && stderr.contains(wrong.to_str().unwrap()),
+        "{stderr}"
+    );
+    let stderr = fails(&spec("redis", ""));
+    assert!(
+        stderr.contains(&format!("redis://{address}")) && stderr.contains("use rediss://"),
+        "{stderr}"
+    );
+    let stderr = fails(&format!(
+        "redis://{address}/tls?size={SIZE}&tls-ca={}",
+        ca.display()
+    ));
+    assert!(stderr.contains("use rediss://"), "{stderr}");
+}

@@ -10,7 +10,8 @@
 //!   gRPC server, or a Go r3map one (which cannot report its size: give `size`); reconnected the
 //!   same way
 //! - `redis://[USER@]HOST[:PORT]/PREFIX?size=SIZE[&chunk=SIZE][&db=N][&layout=go|folder]`
-//!   (`rediss://` for TLS), `redis+cluster://H1:P1,H2:P2/PREFIX?…` (`rediss+cluster://`) —
+//!   (`rediss://` for TLS, `&tls-ca=PATH` for a private CA), `redis+cluster://H1:P1,H2:P2/PREFIX?…`
+//!   (`rediss+cluster://`) —
 //!   one key per chunk in Redis or a Redis Cluster; see [`stores`]
 //! - `s3://BUCKET/PREFIX?size=SIZE[&endpoint=URL][&region=R][&chunk=SIZE][&addressing=path|virtual][&layout=go|folder]`
 //!   — one object per chunk in an S3-compatible bucket (`https://` endpoints use TLS)

@@ -12,6 +12,7 @@
 //! write only after it is in the fsynced append-only file, so every acknowledged chunk survives a
 //! crash of the server. `sync` checks that the store still answers.
 
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
@@ -20,7 +21,7 @@ use r3map_core::{Error, Result};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
-use redis::{Cmd, FromRedisValue, IntoConnectionInfo, RedisError};
+use redis::{Cmd, FromRedisValue, IntoConnectionInfo, RedisError, TlsCertificates};
 
 use crate::keyed::{ChunkStore, KeyLayout};
 
@@ -31,8 +32,11 @@ pub struct RedisOptions {
     pub nodes: Vec<String>,
     /// Whether `nodes` are Redis Cluster nodes.
     pub cluster: bool,
-    /// TLS (`rediss://`), verified against the system's trusted roots.
+    /// TLS (`rediss://`), verified against `tls_ca`, else the system's trusted roots.
     pub tls: bool,
+    /// CA certificates (PEM file) to verify the server's certificate against instead of the
+    /// system's trusted roots, for servers with a private CA (`rediss://…?tls-ca=PATH`).
+    pub tls_ca: Option<PathBuf>,
     /// Prepended to every key; empty for the Go layout's bare offsets.
     pub prefix: String,
     /// How keys are formed from the prefix and the chunk's offset.
@@ -56,6 +60,7 @@ impl RedisOptions {
             nodes: vec![node.into()],
             cluster: false,
             tls: false,
+            tls_ca: None,
             prefix: prefix.into(),
             layout: KeyLayout::Go,
             db: 0,
@@ -127,7 +132,8 @@ impl RedisStore {
                 "{endpoint}: no HOST:PORT to connect to"
             )));
         }
-        let failed = |err: RedisError| redis_error(&endpoint, "cannot connect", err);
+        let failed = |err: RedisError| plain_to_tls_hint(options, connect_error(options, &endpoint, err));
+        let certificates = tls_certificates(options, &endpoint)?;
         let connections = if options.cluster {
             if options.db != 0 {
                 return Err(Error::InvalidConfig(format!(
@@ -143,6 +149,9 @@ impl RedisStore {
             }
             if let Some(password) = &options.password {
                 builder = builder.password(password);
+            }
+            if let Some(certificates) = certificates {
+                builder = builder.certs(certificates);
             }
             let client = builder.build().map_err(failed)?;
             let connection = tokio::time::timeout(options.deadline, client.get_async_connection())
@@ -167,7 +176,12 @@ impl RedisStore {
             if let Some(password) = &options.password {
                 settings = settings.set_password(password);
             }
-            let client = redis::Client::open(info.set_redis_settings(settings)).map_err(failed)?;
+            let info = info.set_redis_settings(settings);
+            let client = match certificates {
+                Some(certificates) => redis::Client::build_with_tls(info, certificates),
+                None => redis::Client::open(info),
+            }
+            .map_err(failed)?;
             let config = ConnectionManagerConfig::new()
                 .set_connection_timeout(Some(options.deadline))
                 .set_response_timeout(Some(options.deadline))
@@ -196,8 +210,12 @@ impl RedisStore {
             layout: options.layout,
             endpoint,
         };
-        // Connecting may succeed without a password; the first command tells.
-        store.query::<String>(&redis::cmd("PING"), "cannot use").await?;
+        // Connecting may succeed without a password (or, to a TLS port, without TLS); the first
+        // command tells.
+        store
+            .query::<String>(&redis::cmd("PING"), "cannot use")
+            .await
+            .map_err(|err| plain_to_tls_hint(options, err))?;
         Ok(store)
     }
 
@@ -257,6 +275,63 @@ impl ChunkStore for RedisStore {
     async fn sync(&self) -> Result<()> {
         self.query::<String>(&redis::cmd("PING"), "cannot sync").await?;
         Ok(())
+    }
+}
+
+/// The CA file of `rediss://…?tls-ca=PATH`, read now so that a missing file is named.
+fn tls_certificates(options: &RedisOptions, endpoint: &str) -> Result<Option<TlsCertificates>> {
+    let Some(path) = &options.tls_ca else {
+        return Ok(None);
+    };
+    if !options.tls {
+        return Err(Error::InvalidConfig(format!(
+            "{endpoint}: a TLS CA is given ({}) but the connection is not TLS; use rediss://",
+            path.display()
+        )));
+    }
+    let pem = std::fs::read(path).map_err(|err| {
+        Error::InvalidConfig(format!(
+            "{endpoint}: cannot read the TLS CA {}: {err}",
+            path.display()
+        ))
+    })?;
+    Ok(Some(TlsCertificates {
+        client_tls: None,
+        root_cert: Some(pem),
+    }))
+}
+
+/// A failure to connect; an untrusted server certificate says which CA option to give.
+fn connect_error(options: &RedisOptions, endpoint: &str, err: RedisError) -> Error {
+    let text = err.to_string();
+    if options.tls && (text.contains("certificate") || text.contains("UnknownIssuer")) {
+        let trusted = match &options.tls_ca {
+            Some(path) => format!("the CA in {}", path.display()),
+            None => "the system's trusted roots".to_string(),
+        };
+        return Error::Remote(format!(
+            "cannot connect {endpoint}: its TLS certificate is not trusted by {trusted} ({err}); \
+             give the CA that signed it (a PEM file) as tls-ca=PATH in the rediss:// URI's query"
+        ));
+    }
+    redis_error(endpoint, "cannot connect", err)
+}
+
+/// A plain connection to a TLS port: the server resets it at the first command (redis-rs may
+/// send one while connecting).
+fn plain_to_tls_hint(options: &RedisOptions, err: Error) -> Error {
+    match err {
+        // Still a lost connection to the reconnecting stage (a restarting server resets too).
+        Error::Io(io) if !options.tls && io.kind() == std::io::ErrorKind::ConnectionReset => {
+            Error::from(std::io::Error::new(
+                io.kind(),
+                format!(
+                    "{io}; the server reset the connection at the first command: if it speaks \
+                     TLS, use rediss:// (with ?tls-ca=PATH for a private CA)"
+                ),
+            ))
+        }
+        other => other,
     }
 }
 

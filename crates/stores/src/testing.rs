@@ -73,6 +73,8 @@ pub fn redis_command(port: u16, command: &str) -> Option<String> {
 pub struct RedisServer {
     child: Child,
     port: u16,
+    /// Whether the port speaks TLS only (`--port 0 --tls-port PORT`).
+    tls: bool,
     args: Vec<String>,
     dir: tempfile::TempDir,
 }
@@ -81,6 +83,31 @@ impl RedisServer {
     /// Starts a server with the append-only file on and fsynced before every answer (so an
     /// acknowledged write survives `kill -9`), plus `extra` arguments (`--requirepass x`).
     pub fn start(extra: &[&str]) -> Result<Self, String> {
+        Self::start_with(false, extra)
+    }
+
+    /// Like [`start`](Self::start), but its port speaks TLS only (no plain port), with the
+    /// server certificate and key in `dir` as `r3map cert DIR` writes them (`server-cert.pem`,
+    /// `server-key.pem`; clients are not asked for certificates).
+    pub fn start_tls(dir: &Path, extra: &[&str]) -> Result<Self, String> {
+        let cert = dir.join("server-cert.pem");
+        let key = dir.join("server-key.pem");
+        let ca = dir.join("ca-cert.pem");
+        let mut args = vec![
+            "--tls-cert-file",
+            cert.to_str().expect("UTF-8 path"),
+            "--tls-key-file",
+            key.to_str().expect("UTF-8 path"),
+            "--tls-ca-cert-file",
+            ca.to_str().expect("UTF-8 path"),
+            "--tls-auth-clients",
+            "no",
+        ];
+        args.extend_from_slice(extra);
+        Self::start_with(true, &args)
+    }
+
+    fn start_with(tls: bool, extra: &[&str]) -> Result<Self, String> {
         if !installed("redis-server") {
             return Err("redis-server is not installed (scripts/install-test-deps installs it)".into());
         }
@@ -102,10 +129,11 @@ impl RedisServer {
         .collect();
         args.extend(extra.iter().map(|s| s.to_string()));
         let port = free_port_pair();
-        let child = spawn_redis(dir.path(), port, &args);
+        let child = spawn_redis(dir.path(), port, tls, &args);
         let mut server = Self {
             child,
             port,
+            tls,
             args,
             dir,
         };
@@ -142,12 +170,18 @@ impl RedisServer {
 
     /// Starts the server again on the same port and data directory, and waits until it answers.
     pub fn restart(&mut self) {
-        self.child = spawn_redis(self.dir.path(), self.port, &self.args);
+        self.child = spawn_redis(self.dir.path(), self.port, self.tls, &self.args);
         self.wait_ready();
     }
 
     fn wait_ready(&mut self) {
         let port = self.port;
+        if self.tls {
+            // Listening is enough: a fresh data directory has nothing to load.
+            return wait_until("redis-server", &mut self.child, || {
+                TcpStream::connect(("127.0.0.1", port)).is_ok()
+            });
+        }
         wait_until("redis-server", &mut self.child, || {
             // A password-protected server answers -NOAUTH: it is up all the same.
             redis_command(port, "PING").is_some_and(|a| a == "+PONG" || a.starts_with("-NOAUTH"))
@@ -161,10 +195,15 @@ impl Drop for RedisServer {
     }
 }
 
-fn spawn_redis(dir: &Path, port: u16, args: &[String]) -> Child {
+fn spawn_redis(dir: &Path, port: u16, tls: bool, args: &[String]) -> Child {
+    let port = port.to_string();
+    let ports = if tls {
+        vec!["--port", "0", "--tls-port", &port]
+    } else {
+        vec!["--port", &port]
+    };
     Command::new("redis-server")
-        .arg("--port")
-        .arg(port.to_string())
+        .args(ports)
         .arg("--dir")
         .arg(dir)
         .args(args)

@@ -1,5 +1,6 @@
 //! `redis://`, `rediss://`, `redis+cluster://`, `rediss+cluster://` and `s3://` specifications:
-//! a resource stored chunk by chunk in Redis or an S3 bucket (crate `r3map-stores`).
+//! a resource stored chunk by chunk in Redis or an S3 bucket (crate `r3map-stores`). TLS servers
+//! are verified against the system's trusted roots, or the CA file of `rediss://…?tls-ca=PATH`.
 //!
 //! Secrets never appear in a specification (a command line is readable by every user of the
 //! machine through `ps`): the Redis password and the S3 credentials come from
@@ -41,6 +42,8 @@ pub struct RedisSpec {
     pub nodes: Vec<String>,
     pub cluster: bool,
     pub tls: bool,
+    /// CA (PEM file) to verify a TLS server against instead of the system's roots (`tls-ca=`).
+    pub tls_ca: Option<PathBuf>,
     /// ACL user (`redis://USER@HOST:PORT`).
     pub username: Option<String>,
     pub prefix: String,
@@ -111,10 +114,17 @@ pub(super) fn parse_redis(text: &str) -> std::result::Result<Option<BackendSpec>
         Some(_) if cluster => return Err(format!("{text:?}: a Redis Cluster has only database 0")),
         Some(db) => db.parse().map_err(|_| format!("db={db:?} is not a number"))?,
     };
+    let tls_ca = params.take("tls-ca").map(PathBuf::from);
+    if tls_ca.is_some() && !tls {
+        return Err(format!(
+            "{text:?}: tls-ca= is for TLS connections; use rediss:// (or rediss+cluster://)"
+        ));
+    }
     let spec = RedisSpec {
         nodes,
         cluster,
         tls,
+        tls_ca,
         username,
         prefix: prefix.to_string(),
         db,
@@ -232,6 +242,7 @@ impl RedisSpec {
             nodes: self.nodes.clone(),
             cluster: self.cluster,
             tls: self.tls,
+            tls_ca: self.tls_ca.clone(),
             prefix: self.prefix.clone(),
             layout: self.layout,
             db: self.db,
@@ -327,6 +338,7 @@ mod tests {
                 nodes: vec!["127.0.0.1:7000".into()],
                 cluster: false,
                 tls: false,
+                tls_ca: None,
                 username: None,
                 prefix: "vm1".into(),
                 db: 0,
@@ -347,6 +359,11 @@ mod tests {
         assert_eq!(spec.nodes, ["h1:7001", "h2:6379", "[::1]:7003"]);
         assert_eq!(spec.prefix, "");
         assert!(redis("rediss+cluster://h:1").tls);
+        let spec = redis("rediss://h:1/x?tls-ca=/etc/r3map/ca.pem");
+        assert_eq!(
+            spec.tls_ca.as_deref(),
+            Some(std::path::Path::new("/etc/r3map/ca.pem"))
+        );
     }
 
     #[test]
@@ -386,6 +403,7 @@ mod tests {
         assert!(err("redis://h/x?layout=java").contains("must be go"));
         assert!(err("redis://h/x?chunk=0").contains("at least one byte"));
         assert!(err("redis://h/x?colour=red").contains("unknown parameter"));
+        assert!(err("redis://h/x?tls-ca=/ca.pem").contains("use rediss://"));
         assert!(err("s3:///x").contains("names no bucket"));
         assert!(err("s3://b/x?endpoint=ftp://h").contains("http://"));
         assert!(err("s3://b/x?addressing=dns").contains("path or virtual"));
