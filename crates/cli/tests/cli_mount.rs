@@ -538,3 +538,58 @@ fn umount_of_a_running_mount_waits_for_it_to_finish() {
     assert!(!ok && stderr.contains("is not an r3map mount"), "{stderr}");
     assert!(server.terminate(LONG));
 }
+
+/// Kibibytes locked in RAM by a process (VmLck in /proc/PID/status).
+fn locked_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status
+        .lines()
+        .find(|line| line.starts_with("VmLck:"))
+        .expect("VmLck in /proc/PID/status");
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// `--mlock` (for a mount that backs swap): the mount process's pages stay in RAM, the ones it
+/// had before and the buffers it uses while serving; without it nothing is locked.
+#[test]
+fn mlock_keeps_the_mount_process_in_ram() {
+    if !have_fuse() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("remote.img");
+    let (server, uri) = serve(
+        &format!("swap=file:{}?size=8MiB", image.display()),
+        "127.0.0.1:0",
+        &[],
+    );
+    for mlock in [false, true] {
+        let mnt = dir.path().join(format!("mnt-{mlock}"));
+        let mut args = vec!["mount", &uri, mnt.to_str().unwrap(), "--chunk-size", "4KiB"];
+        if mlock {
+            args.push("--mlock");
+        }
+        let mut mount = Proc::start(&args);
+        let path = mounted_path(&mount.wait_for("mounted ", LONG));
+        let data = pattern(3, 4 << 20);
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        file.write_all_at(&data, 0).unwrap();
+        let mut back = vec![0u8; data.len()];
+        file.read_exact_at(&mut back, 0).unwrap();
+        assert!(back == data, "read back differs (mlock {mlock})");
+        drop(file);
+        let locked = locked_kib(mount.pid());
+        if mlock {
+            // At least the binary's text it ran and the runtime's memory: megabytes.
+            assert!(locked >= 1024, "--mlock locked only {locked} KiB");
+        } else {
+            assert_eq!(locked, 0, "{locked} KiB locked without --mlock");
+        }
+        assert!(mount.terminate(LONG), "the mount did not stop cleanly");
+    }
+    assert!(server.terminate(LONG));
+}

@@ -105,10 +105,27 @@ pub struct Args {
     /// NBD clients can look at what the server holds
     #[arg(long, conflicts_with_all = ["remote", "hold"])]
     keep_serving: bool,
+    /// Keep this process's memory in RAM (mlockall, each page from its first use): needed when
+    /// the device is swap (`mkswap` + `swapon` on the nbd or ublk frontend), so that the
+    /// process serving the swap device is never swapped out to it. Needs CAP_IPC_LOCK or a
+    /// large enough RLIMIT_MEMLOCK
+    #[arg(long)]
+    mlock: bool,
     #[command(flatten)]
     remote_options: crate::remote::RemoteArgs,
     #[command(flatten)]
     metrics: crate::metrics::MetricsArgs,
+}
+
+/// mlockall: what is mapped now and later stays in RAM once touched (MCL_ONFAULT: thread stacks
+/// and buffers are not populated in full up front).
+fn lock_memory() -> Result<()> {
+    use nix::sys::mman::{mlockall, MlockAllFlags};
+    let flags = MlockAllFlags::MCL_CURRENT
+        | MlockAllFlags::MCL_FUTURE
+        | MlockAllFlags::from_bits_retain(nix::libc::MCL_ONFAULT);
+    mlockall(flags)
+        .context("--mlock: mlockall failed (needs CAP_IPC_LOCK or a larger RLIMIT_MEMLOCK, see ulimit -l)")
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -129,6 +146,9 @@ pub async fn run(args: Args) -> Result<()> {
     args.frontend.check_supported()?;
     if args.fuse_uring {
         crate::frontend::turn_on_fuse_uring();
+    }
+    if args.mlock {
+        lock_memory()?;
     }
     let metrics = args.metrics.start().await?;
     let demo = args.remote.is_none();
