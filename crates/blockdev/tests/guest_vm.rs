@@ -2,7 +2,9 @@
 //! ublk (ext4 included) inside a Debian 6.12 guest under QEMU TCG, since the host kernel may
 //! have neither; and there, as separate processes, `r3map serve` with `r3map mount --frontend
 //! nbd` and `--frontend ublk`, direct and managed, closed by SIGTERM, data checked on the
-//! server's file. The script installs what it needs and reports a skip only when it cannot.
+//! server's file; and remote swap: mkswap/swapon on such a device whose remote the host serves,
+//! used by a program that touches more memory than the guest has and checks every word. The
+//! script installs what it needs and reports a skip only when it cannot.
 
 use std::path::Path;
 use std::process::Command;

@@ -23,7 +23,7 @@ const SIZE: usize = 16 << 20;
 const MIB: usize = 1 << 20;
 
 /// An `r3map` process whose stderr lines are collected; killed on drop.
-struct Proc {
+pub struct Proc {
     name: String,
     /// `None` once waited for.
     child: Option<Child>,
@@ -32,7 +32,7 @@ struct Proc {
 }
 
 impl Proc {
-    fn start(args: &[&str]) -> Result<Self> {
+    pub fn start(args: &[&str]) -> Result<Self> {
         let mut child = Command::new(R3MAP)
             .args(args)
             .stdout(Stdio::null())
@@ -57,7 +57,7 @@ impl Proc {
     }
 
     /// The first line containing `needle`, waiting at most [`WAIT`].
-    fn wait_for(&mut self, needle: &str) -> Result<String> {
+    pub fn wait_for(&mut self, needle: &str) -> Result<String> {
         let deadline = std::time::Instant::now() + WAIT;
         loop {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
@@ -78,7 +78,7 @@ impl Proc {
     }
 
     /// SIGTERM, then the exit status (waiting at most [`WAIT`]) and everything it printed.
-    fn terminate(mut self) -> Result<(ExitStatus, String)> {
+    pub fn terminate(mut self) -> Result<(ExitStatus, String)> {
         let mut child = self.child.take().expect("not waited for yet");
         let pid = child.id().to_string();
         // The waiter first, so the child is reaped whatever happens next.

@@ -2,9 +2,11 @@
 //! and `ublk_drv` modules loaded. Each check prints `R3MAP-GUEST-OK <name>` or
 //! `R3MAP-GUEST-FAIL <name>: <error>` on stdout (the serial console), and the run ends with
 //! `R3MAP-GUEST-DONE failures=<n>`. Needs `mke2fs` and `mount` on `PATH` for the ext4 checks,
-//! and the static `r3map` binary at /bin/r3map for the command-line checks (`cli`).
+//! and the static `r3map` binary at /bin/r3map for the command-line checks (`cli`), and
+//! `mkswap`/`swapon`/`swapoff` plus a remote served by the host for remote swap (`swap`).
 
 mod cli;
+mod swap;
 
 use std::fs::{File, OpenOptions};
 use std::future::Future;
@@ -31,8 +33,20 @@ fn main() -> ExitCode {
         .enable_all()
         .build()
         .expect("tokio runtime");
-    let mut failures = 0;
     let only: Vec<String> = std::env::args().skip(1).collect();
+    if let [worker, mib] = &only[..] {
+        if worker == "swap-worker" {
+            // The program the swap checks run, not a check.
+            return match mib.parse().map_err(anyhow::Error::from).and_then(swap::worker) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(err) => {
+                    println!("{err:#}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+    }
+    let mut failures = 0;
     let checks: Vec<(&str, Check)> = vec![
         ("nbd-ioctl-rw", || Box::pin(nbd_rw(NbdMethod::Ioctl))),
         ("nbd-netlink-rw-ext4", || Box::pin(nbd_netlink_ext4())),
@@ -50,16 +64,24 @@ fn main() -> ExitCode {
         ("cli-mount-ublk-managed", || {
             Box::pin(blocking(|| cli::mount_and_close("ublk", true)))
         }),
+        ("swap-remote-nbd", || {
+            Box::pin(blocking(|| swap::remote_swap("nbd")))
+        }),
+        ("swap-remote-ublk", || {
+            Box::pin(blocking(|| swap::remote_swap("ublk")))
+        }),
     ];
     for (name, check) in checks {
         if !only.is_empty() && !only.iter().any(|o| o == name) {
             continue;
         }
         let start = Instant::now();
+        // Swapping hundreds of MiB through an emulated network takes minutes.
+        let limit = Duration::from_secs(if name.starts_with("swap-") { 900 } else { 120 });
         let outcome = runtime.block_on(async {
-            tokio::time::timeout(Duration::from_secs(120), check())
+            tokio::time::timeout(limit, check())
                 .await
-                .unwrap_or_else(|_| Err(anyhow::anyhow!("timed out after 120 s")))
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("timed out after {limit:?}")))
         });
         match outcome {
             Ok(()) => println!("R3MAP-GUEST-OK {name} ({:.1} s)", start.elapsed().as_secs_f64()),
