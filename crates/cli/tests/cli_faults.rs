@@ -335,7 +335,7 @@ fn fsynced_offline_writes_survive_a_killed_mount_and_reach_the_returned_remote()
     let (mount, path) = managed_mount(&uri, &mnt, &flags);
     let pulled = all_seen(&mount);
     assert!(
-        pulled.contains("(0 fetched from the remote)"),
+        pulled.contains("(0 fetched from the remote,"),
         "the restarted mount fetched again: {pulled}"
     );
     let mut back = vec![0u8; data.len()];

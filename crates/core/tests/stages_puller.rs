@@ -210,3 +210,62 @@ async fn chunk_numbers_past_the_end_are_ignored() {
     pusher.mark_dirty([1, 4, 1000]);
     assert_eq!(pusher.dirty_count(), 1);
 }
+
+/// A target whose pulls wait until released, counting those that ended.
+struct HeldPulls {
+    started: tokio::sync::watch::Sender<u64>,
+    release: tokio::sync::Semaphore,
+    ended: std::sync::atomic::AtomicU64,
+}
+
+#[async_trait::async_trait]
+impl r3map_core::stages::PullTarget for HeldPulls {
+    fn chunk_count(&self) -> u64 {
+        16
+    }
+    async fn pull(&self, _chunk: u64) -> r3map_core::Result<()> {
+        self.started.send_modify(|n| *n += 1);
+        self.release.acquire().await.unwrap().forget();
+        self.ended.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+/// `stop_and_wait` returns only once the pulls in flight have ended, and no pull starts after
+/// it (a mount's last checkpoint comes after it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_and_wait_waits_for_the_pulls_in_flight() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let target = Arc::new(HeldPulls {
+        started: tokio::sync::watch::channel(0).0,
+        release: tokio::sync::Semaphore::new(0),
+        ended: Default::default(),
+    });
+    let puller = Puller::start(
+        target.clone(),
+        PullerOptions {
+            workers: 3,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let mut started = target.started.subscribe();
+    started.wait_for(|&n| n == 3).await.unwrap();
+    let stopping = puller.stop_and_wait();
+    tokio::pin!(stopping);
+    // Polled until it has stopped the workers and waits: it cannot finish with three pulls held.
+    assert!(futures::poll!(stopping.as_mut()).is_pending());
+    // Two of the three end; the third still holds it.
+    target.release.add_permits(2);
+    assert!(futures::poll!(stopping.as_mut()).is_pending());
+    target.release.add_permits(16);
+    tokio::time::timeout(std::time::Duration::from_secs(10), stopping)
+        .await
+        .expect("stop_and_wait did not return after the pulls ended");
+    assert_eq!(
+        target.ended.load(SeqCst),
+        3,
+        "a pull started after the stop or was not waited for"
+    );
+    assert_eq!(*target.started.borrow(), 3);
+}

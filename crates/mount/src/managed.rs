@@ -255,8 +255,8 @@ impl ManagedMount {
         }
     }
 
-    /// Stops the background pull and the fills of chunks read in part (waiting for those in
-    /// flight), then pushes and syncs one last time; returns that sync's error (nothing is
+    /// Stops the background pull and the fills of chunks read in part (waiting for the pulls
+    /// and fills in flight), then pushes and syncs one last time; returns that sync's error (nothing is
     /// dropped silently). A persistent cache is closed cleanly even when the
     /// push failed: its state records what is still to push, for the next start.
     pub async fn close(self) -> Result<()> {
@@ -266,7 +266,9 @@ impl ManagedMount {
         if let Some(hook) = &self.hooks.before_sync {
             hook()?;
         }
-        self.puller.stop();
+        // No pull in flight installs a chunk after the last checkpoint (a persistent cache
+        // would record it local without its data being durable).
+        self.puller.stop_and_wait().await;
         // No background fill (critical word first) writes to the cache after the last
         // checkpoint, or holds the remote open after the mount is closed.
         self.synced.stop_fills().await;

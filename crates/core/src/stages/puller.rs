@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use parking_lot::Mutex;
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 
 use crate::{ChunkLayout, Error, Result};
 
@@ -108,6 +108,8 @@ struct Shared {
     stopped: AtomicBool,
     progress: watch::Sender<PullProgress>,
     workers: usize,
+    /// Woken whenever a worker ends (see [`Puller::stop_and_wait`]).
+    worker_ended: Notify,
 }
 
 /// Background pulling of every chunk of a target. Dropping the puller stops its workers after
@@ -142,6 +144,7 @@ impl Puller {
                 running: 0,
             }),
             stopped: AtomicBool::new(false),
+            worker_ended: Notify::new(),
             progress,
             workers: options.workers,
         });
@@ -201,6 +204,26 @@ impl Puller {
     }
 }
 
+impl Puller {
+    /// Stops the workers and waits until none is pulling any more: each ends after its
+    /// current chunk, which is installed or failed by then (bounded by the target's own
+    /// request deadline). A mount calls it before its last checkpoint, so no pull writes to
+    /// the cache after it.
+    pub async fn stop_and_wait(&self) {
+        self.stop();
+        loop {
+            // Registered before looking, so a worker ending in between still wakes us.
+            let ended = self.shared.worker_ended.notified();
+            tokio::pin!(ended);
+            ended.as_mut().enable();
+            if self.shared.queue.lock().running == 0 {
+                return;
+            }
+            ended.await;
+        }
+    }
+}
+
 impl Drop for Puller {
     fn drop(&mut self) {
         self.stop();
@@ -248,6 +271,8 @@ impl Shared {
                             self.progress.send_modify(|p| p.finished = true);
                         }
                         abandoned.1 = false;
+                        drop(queue);
+                        self.worker_ended.notify_waiters();
                         return;
                     }
                 }
@@ -276,6 +301,8 @@ impl Drop for Abandoned<'_> {
                     p.error.get_or_insert(Error::Closed);
                 }
             });
+            self.0.queue.lock().running -= 1;
+            self.0.worker_ended.notify_waiters();
         }
     }
 }
