@@ -259,6 +259,44 @@ pub fn block_on<F: std::future::Future>(future: F) -> F::Output {
         .block_on(future)
 }
 
+/// A memory backend that counts the bytes read from it (what a remote served) and answers
+/// `extents` with its real holes: the export of sparse-pull tests and benchmarks.
+pub struct ReadCounting {
+    pub inner: crate::MemoryBackend,
+    /// Bytes read so far.
+    pub read: std::sync::atomic::AtomicU64,
+}
+
+impl ReadCounting {
+    pub fn new(size: u64) -> Self {
+        Self {
+            inner: crate::MemoryBackend::new(size),
+            read: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Backend for ReadCounting {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    async fn read_at(&self, offset: u64, buf: &mut [u8]) -> crate::Result<()> {
+        self.read
+            .fetch_add(buf.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        self.inner.read_at(offset, buf).await
+    }
+    async fn write_at(&self, offset: u64, data: &[u8]) -> crate::Result<()> {
+        self.inner.write_at(offset, data).await
+    }
+    async fn sync(&self) -> crate::Result<()> {
+        Ok(())
+    }
+    async fn extents(&self, offset: u64, len: u64) -> crate::Result<Vec<crate::Extent>> {
+        self.inner.extents(offset, len).await
+    }
+}
+
 /// Fault injection around a real backend: reads or writes fail while the switch is on, and every
 /// call is counted. Used to test how stages behave when a remote fails.
 pub struct FaultyBackend {

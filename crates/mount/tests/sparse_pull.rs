@@ -4,59 +4,29 @@
 //! (punched holes, whatever stale bytes it held), and they survive a process crash and a
 //! machine crash by the cache's rules.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use async_trait::async_trait;
-use r3map_core::testing::{self, pattern};
-use r3map_core::{Allocation, Backend, Extent, MemoryBackend, Result, SharedBackend};
+use r3map_core::testing::{self, pattern, ReadCounting};
+use r3map_core::{Allocation, Backend, MemoryBackend, SharedBackend};
 use r3map_mount::{BackendSpec, ManagedMount, ManagedOptions, PersistentCache};
 use r3map_nbd::{Export, Server, ServerConfig};
 
 const MIB: u64 = 1 << 20;
 const SIZE: u64 = 16 * MIB;
 
-/// The server's backend: counts the bytes read from it.
-struct Counting {
-    inner: MemoryBackend,
-    read: AtomicU64,
-}
-
-#[async_trait]
-impl Backend for Counting {
-    fn size(&self) -> u64 {
-        self.inner.size()
-    }
-    async fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        self.read.fetch_add(buf.len() as u64, Ordering::Relaxed);
-        self.inner.read_at(offset, buf).await
-    }
-    async fn write_at(&self, offset: u64, data: &[u8]) -> Result<()> {
-        self.inner.write_at(offset, data).await
-    }
-    async fn sync(&self) -> Result<()> {
-        Ok(())
-    }
-    async fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
-        self.inner.extents(offset, len).await
-    }
-}
-
 /// Data in chunks 2 and 7 (whole) and 64 KiB inside chunk 11; the rest never written.
 const DATA: [(u64, u64); 3] = [(2 * MIB, MIB), (7 * MIB, MIB), (11 * MIB + (300 << 10), 64 << 10)];
 const DATA_CHUNKS: [u64; 3] = [2, 7, 11];
 
 struct Remote {
-    export: Arc<Counting>,
+    export: Arc<ReadCounting>,
     uri: String,
     model: Vec<u8>,
 }
 
 async fn serve() -> Remote {
-    let export = Arc::new(Counting {
-        inner: MemoryBackend::new(SIZE),
-        read: AtomicU64::new(0),
-    });
+    let export = Arc::new(ReadCounting::new(SIZE));
     let mut model = vec![0u8; SIZE as usize];
     for (i, &(at, len)) in DATA.iter().enumerate() {
         let data = pattern(i as u64 + 1, len as usize);

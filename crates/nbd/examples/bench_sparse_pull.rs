@@ -20,16 +20,15 @@
 //! timed). The modes alternate within each run; the best time of each is kept. Prints a
 //! markdown table.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_trait::async_trait;
 use r3map_core::stages::{
     sparse, Connector, PullTarget, Puller, PullerOptions, ReconnectOptions, Reconnecting, SkipHoles, Synced,
 };
-use r3map_core::testing::pattern;
-use r3map_core::{Backend, Extent, MemoryBackend, Result, SharedBackend};
+use r3map_core::testing::{pattern, ReadCounting};
+use r3map_core::{Backend, MemoryBackend, SharedBackend};
 use r3map_delay_proxy::{DelayConfig, DelayProxy};
 use r3map_nbd::{Client, ClientOptions, Export, Server, ServerConfig};
 
@@ -37,32 +36,6 @@ const MIB: u64 = 1 << 20;
 /// `r3map mount --managed`'s defaults.
 const CHUNK: u64 = MIB;
 const PULL_WORKERS: usize = 512;
-
-/// The export: counts the bytes read from it.
-struct Counting {
-    inner: MemoryBackend,
-    read: AtomicU64,
-}
-
-#[async_trait]
-impl Backend for Counting {
-    fn size(&self) -> u64 {
-        self.inner.size()
-    }
-    async fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        self.read.fetch_add(buf.len() as u64, Ordering::Relaxed);
-        self.inner.read_at(offset, buf).await
-    }
-    async fn write_at(&self, offset: u64, data: &[u8]) -> Result<()> {
-        self.inner.write_at(offset, data).await
-    }
-    async fn sync(&self) -> Result<()> {
-        Ok(())
-    }
-    async fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
-        self.inner.extents(offset, len).await
-    }
-}
 
 /// `count` distinct chunk indexes of `chunks`, from a fixed seed.
 fn data_chunks(chunks: u64, count: u64) -> Vec<u64> {
@@ -89,7 +62,7 @@ async fn pull_once(
     uri: &str,
     size: u64,
     skip_holes: bool,
-    export: &Counting,
+    export: &ReadCounting,
     proxy: Option<&DelayProxy>,
     data: &[u64],
 ) -> Figures {
@@ -175,10 +148,7 @@ async fn main() {
     let chunks = size / CHUNK;
     let data = data_chunks(chunks, chunks * percent / 100);
     let data_bytes = data.len() as u64 * CHUNK;
-    let export = Arc::new(Counting {
-        inner: MemoryBackend::new(size),
-        read: AtomicU64::new(0),
-    });
+    let export = Arc::new(ReadCounting::new(size));
     for &chunk in &data {
         export
             .inner
