@@ -24,6 +24,10 @@ struct Server {
     aborted: Mutex<Vec<u64>>,
     /// Every flush is answered with an error (a disk that cannot sync), the connection stays.
     flush_fails: AtomicBool,
+    /// The read unit new connections report (0: none).
+    read_unit: AtomicU64,
+    /// Added to the size new connections report (a server restarted with another export).
+    size_change: AtomicU64,
 }
 
 impl Server {
@@ -37,6 +41,8 @@ impl Server {
             log: Mutex::new(Vec::new()),
             aborted: Mutex::new(Vec::new()),
             flush_fails: AtomicBool::new(false),
+            read_unit: AtomicU64::new(0),
+            size_change: AtomicU64::new(0),
         })
     }
     fn go_down(&self) {
@@ -63,10 +69,14 @@ impl Server {
                     );
                 }
                 let epoch = server.epoch.load(Ordering::SeqCst);
+                let read_unit = Some(server.read_unit.load(Ordering::SeqCst)).filter(|&unit| unit > 0);
+                let size = server.data.size() + server.size_change.load(Ordering::SeqCst);
                 Ok(Arc::new(Connection {
                     server,
                     epoch,
                     number,
+                    read_unit,
+                    size,
                 }) as SharedBackend)
             })
         })
@@ -77,6 +87,8 @@ struct Connection {
     server: Arc<Server>,
     epoch: u64,
     number: u64,
+    read_unit: Option<u64>,
+    size: u64,
 }
 
 impl Connection {
@@ -95,7 +107,10 @@ impl Connection {
 #[async_trait]
 impl Backend for Connection {
     fn size(&self) -> u64 {
-        self.server.data.size()
+        self.size
+    }
+    fn read_alignment(&self) -> Option<u64> {
+        self.read_unit
     }
     async fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         self.check("read").await?;
@@ -373,6 +388,57 @@ async fn an_abandoned_read_keeps_its_connection() {
     assert!(remote.is_connected());
     assert!(server.aborted.lock().unwrap().is_empty());
     assert_eq!(server.connects.load(Ordering::SeqCst), 1);
+}
+
+/// A server that comes back with another size, or with a read unit our callers' alignment does
+/// not satisfy, is not the remote we had: its connections are refused (aborted, nothing sent on
+/// them), requests fail at their deadline instead of reading wrong bytes, and the remote is used
+/// again once a connection of the first shape comes. A smaller read unit that divides ours, or
+/// none, is fine.
+#[tokio::test(start_paused = true)]
+async fn a_remote_that_comes_back_changed_is_not_used() {
+    let server = Server::new(1 << 16);
+    server.read_unit.store(4096, Ordering::SeqCst);
+    let remote = Reconnecting::connect(server.connector(), options(1_000))
+        .await
+        .unwrap();
+    assert_eq!(remote.read_alignment(), Some(4096));
+    remote.write_at(0, b"kept").await.unwrap();
+    for (size_change, read_unit) in [(4096, 4096), (0, 8192), (0, 3072)] {
+        server.size_change.store(size_change, Ordering::SeqCst);
+        server.read_unit.store(read_unit, Ordering::SeqCst);
+        server.go_down();
+        server.come_up();
+        let tried_before = server.connects.load(Ordering::SeqCst);
+        let result = remote.read_at(0, &mut [0; 4096]).await;
+        assert!(
+            matches!(result, Err(Error::Timeout(_))),
+            "size +{size_change}, read unit {read_unit}: {result:?}"
+        );
+        let tried = server.connects.load(Ordering::SeqCst) - tried_before;
+        assert!(tried >= 2, "it kept trying to reconnect ({tried} connections)");
+        let log = server.log.lock().unwrap().clone();
+        assert!(
+            log.iter().all(|(c, _)| *c <= tried_before),
+            "a changed connection carried requests: {log:?}"
+        );
+        let aborted = server.aborted.lock().unwrap().len() as u64;
+        let connects = server.connects.load(Ordering::SeqCst);
+        assert_eq!(
+            aborted, connects,
+            "the lost connection and every changed one are aborted"
+        );
+    }
+    server.size_change.store(0, Ordering::SeqCst);
+    server.read_unit.store(512, Ordering::SeqCst);
+    let mut buf = [0u8; 4];
+    remote.read_at(0, &mut buf).await.unwrap();
+    assert_eq!(
+        &buf, b"kept",
+        "a connection of the first shape (a smaller unit dividing ours) is used"
+    );
+    assert_eq!(remote.size(), 1 << 16);
+    assert_eq!(remote.read_alignment(), Some(4096));
 }
 
 #[tokio::test]

@@ -19,6 +19,11 @@
 //! out only after a flush on it was answered: a server that completes every write it received
 //! before a flush, on any connection, has then applied the old write or will never apply it
 //! (see ARCHITECTURE.md, "Ordering across reconnects", for the argument and its limits).
+//!
+//! A remote that comes back must be the same remote: a new connection whose size differs from
+//! the first one's, or whose read unit does not divide the first one's (callers align reads to
+//! the first), is refused and the reconnect loop tries again, so a server restarted with
+//! another export or another block size yields errors, never reads of the wrong bytes.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -69,9 +74,38 @@ enum Link {
     Down,
 }
 
+/// What a remote must keep across reconnects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Shape {
+    size: u64,
+    read_alignment: Option<u64>,
+}
+
+impl Shape {
+    fn of(backend: &SharedBackend) -> Self {
+        Self {
+            size: backend.size(),
+            read_alignment: backend.read_alignment(),
+        }
+    }
+
+    /// Whether a connection of shape `new` can stand in for one of this shape: the same size,
+    /// and every read aligned to our unit is aligned to its unit.
+    fn accepts(&self, new: &Shape) -> bool {
+        let aligned = match (self.read_alignment, new.read_alignment) {
+            (_, None | Some(0 | 1)) => true,
+            (Some(ours), Some(theirs)) => ours % theirs == 0,
+            (None, Some(_)) => false,
+        };
+        self.size == new.size && aligned
+    }
+}
+
 struct Shared {
     /// The remote's address, for messages.
     address: String,
+    /// The first connection's shape; every later connection must match it.
+    shape: Shape,
     /// Where reconnects run (also when a request is abandoned outside a task).
     runtime: tokio::runtime::Handle,
     connector: Connector,
@@ -82,9 +116,6 @@ struct Shared {
 /// A remote that reconnects on connection loss.
 pub struct Reconnecting {
     shared: Arc<Shared>,
-    size: u64,
-    /// The first connection's read alignment (a server that comes back is the same server).
-    read_alignment: Option<u64>,
 }
 
 impl Reconnecting {
@@ -101,8 +132,7 @@ impl Reconnecting {
         options: ReconnectOptions,
     ) -> Result<Self> {
         let backend = connector().await?;
-        let size = backend.size();
-        let read_alignment = backend.read_alignment();
+        let shape = Shape::of(&backend);
         let (link, _) = watch::channel(Link::Up {
             generation: 0,
             backend,
@@ -110,13 +140,12 @@ impl Reconnecting {
         Ok(Self {
             shared: Arc::new(Shared {
                 address: address.into(),
+                shape,
                 runtime: tokio::runtime::Handle::current(),
                 connector,
                 options,
                 link,
             }),
-            size,
-            read_alignment,
         })
     }
 
@@ -257,6 +286,7 @@ impl Shared {
 
     async fn reconnect(self: Arc<Self>, generation: u64) {
         let mut backoff = self.options.initial_backoff;
+        let mut failures = 0u64;
         loop {
             match self.connect_past_barrier().await {
                 Ok(backend) => {
@@ -266,7 +296,13 @@ impl Shared {
                     return;
                 }
                 Err(err) => {
-                    tracing::debug!(remote = %self.address, %err, ?backoff, "reconnecting failed; retrying");
+                    // The first failure of an outage says why; the retries stay quiet.
+                    if failures == 0 {
+                        tracing::warn!(remote = %self.address, %err, "reconnecting to {} failed: {err}; retrying with backoff", self.address);
+                    } else {
+                        tracing::debug!(remote = %self.address, %err, ?backoff, "reconnecting failed; retrying");
+                    }
+                    failures += 1;
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(self.options.max_backoff);
                 }
@@ -284,6 +320,15 @@ impl Shared {
     async fn connect_past_barrier(&self) -> Result<SharedBackend> {
         let timeout = self.options.request_timeout;
         let backend = (self.connector)().await?;
+        let shape = Shape::of(&backend);
+        if !self.shape.accepts(&shape) {
+            backend.abort_connection();
+            let first = self.shape;
+            return Err(Error::Remote(format!(
+                "{} came back changed (size {} and read unit {:?}, was {} and {:?}); not using it",
+                self.address, shape.size, shape.read_alignment, first.size, first.read_alignment
+            )));
+        }
         match tokio::time::timeout(timeout, backend.sync()).await {
             Ok(Ok(())) => Ok(backend),
             // An answered flush is a passed barrier, even if the remote could not sync: the
@@ -309,10 +354,10 @@ impl Shared {
 #[async_trait]
 impl Backend for Reconnecting {
     fn size(&self) -> u64 {
-        self.size
+        self.shared.shape.size
     }
     fn read_alignment(&self) -> Option<u64> {
-        self.read_alignment
+        self.shared.shape.read_alignment
     }
     async fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         retried!(self, write: false, |backend| backend.read_at(offset, buf))
