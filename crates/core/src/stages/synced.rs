@@ -16,12 +16,12 @@
 //! with the puller and with readers of the whole chunk, and installed under the chunk lock only
 //! if no write made the chunk local meanwhile.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use futures::future::try_join_all;
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::{watch, Notify, Semaphore};
 
 use crate::stages::puller::PullTarget;
 use crate::{
@@ -62,8 +62,9 @@ struct Shared {
     fetch_done: Notify,
     /// Permits for background fills (bounds their memory).
     fills: Arc<Semaphore>,
-    /// Set by [`Synced::stop_fills`]: no fill starts any more.
-    fills_stopped: AtomicBool,
+    /// Set by [`Synced::stop_fills`]: no fill starts any more, and fills waiting for the
+    /// remote give up.
+    fills_stopped: watch::Sender<bool>,
     fetches: AtomicU64,
     range_reads: AtomicU64,
     /// Chunks made local as zeros because the remote reported them as holes.
@@ -132,7 +133,7 @@ impl Synced {
                 fetching: AtomicBitmap::new(layout.chunk_count()),
                 fetch_done: Notify::new(),
                 fills: Arc::new(Semaphore::new(MAX_FILLS)),
-                fills_stopped: AtomicBool::new(false),
+                fills_stopped: watch::channel(false).0,
                 fetches: AtomicU64::new(0),
                 range_reads: AtomicU64::new(0),
                 holes: AtomicU64::new(0),
@@ -256,15 +257,17 @@ impl Synced {
         }
     }
 
-    /// Starts no more background fills and waits for those in flight to end (installed or
-    /// failed). Misses of part of a chunk are still answered from the remote. A mount calls it
-    /// before its last push and checkpoint, so no fill writes to the cache after them and no
-    /// fill keeps the remote alive.
+    /// Starts no more background fills and ends those in flight: a fill still waiting for the
+    /// remote gives up (its chunk stays remote), one installing its chunk finishes, and this
+    /// returns when all have ended, without waiting for the remote. Misses of part of a chunk
+    /// are still answered from the remote. A mount calls it before its last push and
+    /// checkpoint, so no fill writes to the cache after them and a frozen remote does not
+    /// hold up the close.
     pub async fn stop_fills(&self) {
         let shared = &self.shared;
         // Set before the permits are taken: a fill that got its permit before this either
-        // holds it (and is waited for) or sees the flag and gives up.
-        shared.fills_stopped.store(true, Ordering::SeqCst);
+        // holds it (and is waited for, or gives up its remote read) or sees the flag and gives up.
+        shared.fills_stopped.send_replace(true);
         // All permits at once: every fill in flight has ended. They are given back (a second
         // call waits the same way), and the flag keeps new fills from starting.
         let all = shared.fills.acquire_many(MAX_FILLS as u32).await;
@@ -304,17 +307,32 @@ impl Shared {
             if self.local_chunks.get(chunk) {
                 return self.local.read_at(start, buf).await;
             }
-            return self.fetch_as_leader(chunk, start, buf).await;
+            return self
+                .fetch_as_leader(chunk, start, buf, std::future::pending())
+                .await;
         }
     }
 
-    async fn fetch_as_leader(&self, chunk: u64, start: u64, buf: &mut [u8]) -> Result<()> {
+    /// Fetches `chunk` as the holder of its single-flight slot. The remote read gives up with
+    /// `Error::Closed` when `give_up` completes first; installing the chunk is never cut short
+    /// (a local write dropped half-way could land after the caller moved on).
+    async fn fetch_as_leader(
+        &self,
+        chunk: u64,
+        start: u64,
+        buf: &mut [u8],
+        give_up: impl std::future::Future<Output = ()>,
+    ) -> Result<()> {
+        let mut give_up = std::pin::pin!(give_up);
         let _guard = loop {
             // Taken before the remote read: chunks marked remote after it (the remote has newer
             // bytes than it may have returned) change the epoch, and the read is repeated.
             let epoch = self.remote_epoch.load(Ordering::Acquire);
             self.fetches.fetch_add(1, Ordering::Relaxed);
-            self.remote.read_at(start, buf).await?;
+            tokio::select! {
+                read = self.remote.read_at(start, buf) => read?,
+                () = &mut give_up => return Err(Error::Closed),
+            }
             let guard = self.locks.lock(chunk).await;
             if self.local_chunks.get(chunk) {
                 // Written while we fetched: the local copy is newer than what we got.
@@ -378,7 +396,7 @@ impl Shared {
         let Ok(permit) = self.fills.clone().try_acquire_owned() else {
             return;
         };
-        if self.fills_stopped.load(Ordering::SeqCst) || self.fetching.set(chunk) {
+        if *self.fills_stopped.borrow() || self.fetching.set(chunk) {
             return;
         }
         // Owned by the task from here: dropped (and the slot freed) however the task ends,
@@ -457,7 +475,12 @@ impl FillSlot {
         }
         let start = shared.layout.chunk_range(chunk).start;
         let mut buf = vec![0u8; shared.layout.chunk_len(chunk)];
-        if let Err(err) = shared.fetch_as_leader(chunk, start, &mut buf).await {
+        let mut stopped = shared.fills_stopped.subscribe();
+        let stop = async move {
+            // The sender lives in `shared`, which this task holds: the wait ends only by a stop.
+            let _ = stopped.wait_for(|&stopped| stopped).await;
+        };
+        if let Err(err) = shared.fetch_as_leader(chunk, start, &mut buf, stop).await {
             tracing::debug!(chunk, %err, "background fill failed; a later read or the pull fetches the chunk");
         }
     }
